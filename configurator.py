@@ -1,0 +1,80 @@
+"""
+The poor man's configurator, after nanoGPT's, with nanochat's fixes. A script defines its
+settings as plain module globals with defaults, then calls
+
+    from configurator import configure
+    config = configure(globals())
+
+which applies, in order, each config file named on the command line (python files holding only
+overrides, e.g. config/tiny.py) and each --key=value. Values are parsed with literal_eval
+(a bare word stays a string) and must match the default's type: None accepts anything, an int
+may stand for a float. Unknown keys are rejected with the nearest valid names. Any bad input
+exits before the script does expensive work, naming the file:line or the flag.
+
+nanoGPT exec()s this file into the script instead; a function is used here so that tests can
+call it and so that scripts run from any working directory.
+"""
+import ast
+import difflib
+import os
+import sys
+
+SETTING_TYPES = (bool, int, float, str, tuple, list, dict, type(None))
+
+
+def _fail(msg):
+    sys.exit(f"config error: {msg}")
+
+
+def _check(keys, key, value, where):
+    if key not in keys:
+        near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+        _fail(f"{where}: unknown key '{key}'" + (f" (did you mean {', '.join(near)}?)" if near else ""))
+    default = keys[key]
+    if default is None or type(value) is type(default):
+        return value
+    if type(default) is float and type(value) is int:
+        return float(value)
+    if type(default) in (tuple, list) and type(value) in (tuple, list):
+        return type(default)(value)
+    _fail(f"{where}: {key} must be {type(default).__name__} like its default {default!r}, "
+          f"got {type(value).__name__} {value!r}")
+
+
+def configure(g, argv=None):
+    """Override the settings in dict g (module globals) from argv; return {key: value}."""
+    argv = sys.argv[1:] if argv is None else argv
+    keys = {k: v for k, v in g.items() if not k.startswith("_") and isinstance(v, SETTING_TYPES)}
+    verbose = int(os.environ.get("RANK", 0)) == 0  # print on the master only
+    for arg in argv:
+        if not arg.startswith("--"):
+            # a config file: exec it alone, then check each name it set, with its line
+            try:
+                src = open(arg).read()
+                tree = ast.parse(src, arg)
+            except (OSError, SyntaxError) as e:
+                _fail(f"cannot read config file {arg}: {e}")
+            lines = {t.id: node.lineno for node in tree.body if isinstance(node, ast.Assign)
+                     for t in node.targets if isinstance(t, ast.Name)}
+            scope = {}
+            exec(compile(tree, arg, "exec"), scope)
+            for k, v in scope.items():
+                if k.startswith("_") or not isinstance(v, SETTING_TYPES):
+                    continue  # imports, helpers
+                g[k] = _check(keys, k, v, f"{arg}:{lines.get(k, '?')}")
+            if verbose:
+                print(f"config file {arg}: " + ", ".join(k for k in lines if not k.startswith("_")))
+            continue
+        if "=" not in arg:
+            _fail(f"'{arg}' must look like --key=value")
+        key, val = arg[2:].split("=", 1)  # the value may itself contain '='
+        try:
+            parsed = ast.literal_eval(val)
+        except (SyntaxError, ValueError):
+            parsed = val  # a bare string, e.g. --out_dir=out/run1
+        if not (isinstance(keys.get(key), str) and not isinstance(parsed, str)):
+            val = parsed  # but --run_name=42 stays the string '42'
+        g[key] = _check(keys, key, val, f"--{key}")
+        if verbose:
+            print(f"override: {key} = {g[key]!r}")
+    return {k: g[k] for k in keys}

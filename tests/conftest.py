@@ -1,0 +1,6 @@
+import os
+import sys
+
+# tests import the top-level modules (rubric, judge, rollout, ...) from the repository root
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)

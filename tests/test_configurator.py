@@ -1,0 +1,44 @@
+import pytest
+
+from configurator import configure
+
+
+def defaults():
+    return dict(lr=1e-6, steps=160, name="run", flag=False, url=None, betas=(0.9, 0.99), extra={})
+
+
+def test_file_then_flags(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("import math\n# overrides only\nsteps = 4\nlr = 3e-6  # comment\n_helper = 1\n")
+    g = defaults()
+    c = configure(g, [str(cfg), "--steps=8", "--lr=1", "--name=out/a=b", "--url=http://x:1/v1", "--flag=True"])
+    assert c["steps"] == 8 and g["steps"] == 8, "a flag overrides the file"
+    assert c["lr"] == 1.0 and isinstance(c["lr"], float), "an int may stand for a float"
+    assert c["name"] == "out/a=b", "values may contain '=' and stay strings"
+    assert c["url"] == "http://x:1/v1" and c["flag"] is True, "None accepts anything; bools parse"
+    assert "_helper" not in c and "math" not in c, "private names and imports are not settings"
+
+
+def test_string_default_keeps_digits():
+    assert configure(defaults(), ["--name=42"])["name"] == "42", "a str setting stays a str"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stepz=3"], "unknown key 'stepz' (did you mean steps"),
+    (["--steps=1.5"], "steps must be int"),
+    (["--flag=1"], "flag must be bool"),
+    (["--lr"], "must look like --key=value"),
+    (["missing_config.py"], "cannot read config file missing_config.py"),
+])
+def test_bad_input_exits_with_a_clear_message(argv, message):
+    with pytest.raises(SystemExit) as e:
+        configure(defaults(), argv)
+    assert message in str(e.value), f"expected '{message}' in '{e.value}'"
+
+
+def test_unknown_key_in_file_names_the_line(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("steps = 4\n\nlearning_rate = 1e-5\n")
+    with pytest.raises(SystemExit) as e:
+        configure(defaults(), [str(cfg)])
+    assert f"{cfg}:3: unknown key 'learning_rate'" in str(e.value), str(e.value)

@@ -1,0 +1,266 @@
+"""The judge client against real HTTP servers on 127.0.0.1: a fault-injecting one and the local judge."""
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+import judge
+import rubric
+
+PROMPT = "Write a 300-word story about a ferry."
+STORY = open("data/sample/train.jsonl").readline() and json.loads(open("data/sample/train.jsonl").readline())["story"]
+
+
+class FaultServer:
+    """Answers each request with the next scripted action, then with the local judge's reply.
+    Actions: ('status', code, headers), ('sleep', seconds), ('body', raw bytes), ('reply', text)."""
+
+    def __init__(self, script=(), latency=0.0, port=0):
+        self.script, self.latency = list(script), latency
+        self.requests, self.lock, self.inflight, self.max_inflight = [], threading.Lock(), 0, 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    outer.requests.append(dict(headers=dict(self.headers), body=body))
+                    action = outer.script.pop(0) if outer.script else ("reply", None)
+                    outer.inflight += 1
+                    outer.max_inflight = max(outer.max_inflight, outer.inflight)
+                try:
+                    time.sleep(outer.latency)
+                    kind = action[0]
+                    if kind == "sleep":
+                        time.sleep(action[1])
+                        action = ("reply", None)
+                    if action[0] == "status":
+                        # like some real APIs, the error body echoes what was sent
+                        echo = json.dumps({"error": "scripted", "auth": self.headers.get("Authorization")})
+                        return self._send(action[1], echo.encode(), action[2])
+                    if action[0] == "body":
+                        return self._send(200, action[1])
+                    text = action[1] if action[1] is not None else judge.local_reply(body["messages"][-1]["content"])
+                    out = {"choices": [{"message": {"role": "assistant", "content": text}}],
+                           "usage": {"prompt_tokens": 1000, "completion_tokens": 200}}
+                    self._send(200, json.dumps(out).encode())
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and left
+                finally:
+                    with outer.lock:
+                        outer.inflight -= 1
+
+            def _send(self, code, data, headers=None):
+                self.send_response(code)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    servers = []
+
+    def make(*a, **k):
+        servers.append(FaultServer(*a, **k))
+        return servers[-1]
+    yield make
+    for s in servers:
+        s.close()
+
+
+def make_judge(url, **k):
+    k = dict(dict(workers=4, timeout=2.0, retries=4, reasks=2, backoff=0.02, backoff_max=1.0), **k)
+    return judge.Judge(url, "test-model", **k)
+
+
+def score_one(j, story=STORY):
+    res = j.submit(PROMPT, 300, story).result()
+    j.close()
+    return res
+
+
+@pytest.mark.parametrize("script, n_requests", [
+    ([("status", 429, {"Retry-After": "0.05"})], 2),
+    ([("status", 500, {}), ("status", 503, {})], 3),
+    ([("sleep", 1.5)], 2),  # slower than the 0.5 s timeout
+    ([("body", b"<html>bad gateway</html>")], 2),
+    ([("reply", "I would rather not score this story.")], 2),  # re-asked
+    ([("reply", "Coherence: 7\nOriginality: 6")], 2),  # partial scores, re-asked
+])
+def test_faults_end_scored_after_retry(server, script, n_requests):
+    s = server(script)
+    res = score_one(make_judge(s.url, timeout=0.5))
+    assert res["error"] is None and len(res["scores"]) == 16, f"should recover from {script}: {res['error']}"
+    assert not math.isnan(res["reward"]), "a recovered story has a real reward"
+    assert len(s.requests) == n_requests, f"expected {n_requests} requests, server saw {len(s.requests)}"
+
+
+def test_reask_shows_the_judge_its_reply(server):
+    s = server([("reply", "Coherence: 7")])
+    score_one(make_judge(s.url))
+    second = s.requests[1]["body"]["messages"]
+    assert second[-2] == {"role": "assistant", "content": "Coherence: 7"} and "missing" in second[-1]["content"], \
+        "the re-ask must carry the unparseable reply and the reason"
+
+
+@pytest.mark.parametrize("script, reason, n_requests", [
+    ([("status", 503, {})] * 10, "HTTP 503; gave up after 5 attempts", 5),
+    ([("reply", "no scores")] * 10, "unparseable after 3 replies", 3),
+    ([("status", 400, {})], "HTTP 400", 1),  # a bad request is not retried
+    ([("status", 429, {"Retry-After": "3600"})], "Retry-After 3600", 1),  # never waits an hour silently
+])
+def test_unrecoverable_is_nan_with_reason(server, script, reason, n_requests):
+    s = server(script)
+    res = score_one(make_judge(s.url))
+    assert res["scores"] is None and math.isnan(res["reward"]) and math.isnan(res["sq"]), "failure must be NaN"
+    assert reason in res["error"], f"reason should say '{reason}', got {res['error']}"
+    assert len(s.requests) == n_requests, f"retries must be bounded: {len(s.requests)} requests"
+
+
+def test_connection_refused_then_up():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    j = make_judge(f"http://127.0.0.1:{port}/v1", retries=8, backoff=0.1)
+    fut = j.submit(PROMPT, 300, STORY)
+    time.sleep(0.3)
+    s = FaultServer(port=port)
+    try:
+        res = fut.result()
+    finally:
+        j.close()
+        s.close()
+    assert res["error"] is None and len(s.requests) == 1, f"should connect once the server is up: {res['error']}"
+
+
+def test_concurrency_matches_workers(server):
+    n, workers, latency = 24, 8, 0.2
+    s = server(latency=latency)
+    j = make_judge(s.url, workers=workers)
+    t = time.perf_counter()
+    results, used = j.score([dict(prompt=PROMPT, target_words=300, story=f"{STORY}\n\nVariant {i}.") for i in range(n)])
+    wall = time.perf_counter() - t
+    j.close()
+    assert used["n"] == n and used["failures"] == 0, "all scored"
+    assert s.max_inflight == workers, f"the pool should keep {workers} requests in flight, saw {s.max_inflight}"
+    # ideal is ceil(24 / 8) * 0.2 = 0.6 s, serial would be 4.8 s; bench.py measures the real efficiency
+    assert wall < n * latency / 2, f"requests ran serially: {wall:.2f} s"
+    assert used["tokens_in"] == n * 1000 and used["tokens_out"] == n * 200, "usage summed from the responses"
+
+
+def test_cache_hit_makes_no_http_call_and_costs_nothing(server, tmp_path):
+    s = server()
+    rows = [dict(prompt=PROMPT, target_words=300, story=STORY)]
+    j = make_judge(s.url, cache_dir=str(tmp_path), price_in=2.0, price_out=10.0)
+    first, used1 = j.score(rows)
+    j.close()
+    j = make_judge(s.url, cache_dir=str(tmp_path), price_in=2.0, price_out=10.0)
+    second, used2 = j.score(rows)
+    j.close()
+    assert len(s.requests) == 1, "the second run must be answered from the disk cache"
+    assert used1["cost"] == pytest.approx((1000 * 2.0 + 200 * 10.0) / 1e6), "cost from usage and prices"
+    assert used2["cost"] == 0.0 and used2["cached"] == 1, "a cache hit costs nothing"
+    assert first[0]["scores"] == second[0]["scores"], "same scores from the cache"
+    assert not [p for p in tmp_path.rglob("*.tmp")], "no temporary files left behind"
+
+
+def test_empty_story_gets_min_reward_without_a_call(server):
+    s = server()
+    res = score_one(make_judge(s.url, length_weight=25.0), story="   ")
+    assert res["reward"] == -125.0 and res["error"] is None, "empty story: the minimum reward"
+    assert not s.requests, "no judge call for an empty story"
+
+
+def test_api_key_reaches_server_and_nothing_else(server, tmp_path, monkeypatch, capsys):
+    secret = "sk-test-" + "".join(random.choice("abcdef0123456789") for _ in range(24))
+    monkeypatch.setenv("POLARIS_TEST_KEY", secret)
+    s = server([("status", 401, {})])
+    j = make_judge(s.url, key_env="POLARIS_TEST_KEY", cache_dir=str(tmp_path))
+    bad = j.submit(PROMPT, 300, STORY).result()
+    good = j.submit(PROMPT, 300, STORY + " More.").result()
+    print(bad, good, vars(j))
+    j.close()
+    assert s.requests[0]["headers"]["Authorization"] == f"Bearer {secret}", "the key is sent as a Bearer header"
+    assert "HTTP 401" in bad["error"] and "Bearer <key>" in bad["error"], "an echoed key is redacted"
+    out = capsys.readouterr()
+    files = "".join(p.read_text() for p in tmp_path.rglob("*.json"))
+    assert secret not in out.out + out.err + files + repr(bad) + repr(good), "the key leaked into output or files"
+    monkeypatch.delenv("POLARIS_TEST_KEY")
+    with pytest.raises(ValueError, match="POLARIS_TEST_KEY is not set"):
+        make_judge(s.url, key_env="POLARIS_TEST_KEY")
+
+
+def test_local_judge_prefers_real_stories():
+    rows = [json.loads(l) for l in open("data/sample/heldout.jsonl")]
+    rng = random.Random(0)
+    variants = []
+    for r in rows:
+        words = r["story"].split()
+        rng.shuffle(words)
+        paras = r["story"].split("\n\n")
+        variants += [r, dict(r, story=" ".join(words)), dict(r, story="\n\n".join(paras[:1] + [paras[1]] * 5 + paras[2:]))]
+    j = judge.Judge("local", "polaris-local")  # starts the local server in-process, real HTTP
+    results, used = j.score(variants)
+    j.close()
+    assert used["failures"] == 0, "the local judge's replies must parse"
+    for i, r in enumerate(rows):
+        orig, shuf, rep = (results[3 * i + k]["sq"] for k in range(3))
+        assert orig > shuf + 20 and orig > rep + 10, f"{r['id']}: original {orig:.1f}, shuffled {shuf:.1f}, repeated {rep:.1f}"
+
+
+def test_cli_serve_and_score(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "judge.py", "serve", f"--port={port}"], stdout=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]  # the configurator's override line, then the address
+        assert "local judge at" in lines[1], f"serve announces its address: {lines}"
+        r = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                          json={"model": "x", "messages": [{"role": "user", "content": "Once upon a time."}]}, timeout=10)
+        scores, err = rubric.parse_scores(r.json()["choices"][0]["message"]["content"])
+        assert err is None, f"a plain chat request gets a parseable rubric reply: {err}"
+        out = tmp_path / "scores.jsonl"
+        p = subprocess.run([sys.executable, "judge.py", "score", "--data=data/sample/heldout.jsonl", f"--out={out}",
+                            f"--judge_url=http://127.0.0.1:{port}/v1", f"--judge_cache={tmp_path}/cache"],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        proc.terminate()
+        proc.wait()
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) == 6 and all(len(r["scores"]) == 16 and r["error"] is None for r in rows), "one full row per story"
+    assert "mean SQ" in p.stdout and "failures 0" in p.stdout, "a summary at the end"
+
+
+def test_cli_rejects_bad_data_before_work(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "prompt": "p", "target_words": -5, "story": "s"}\n')
+    p = subprocess.run([sys.executable, "judge.py", "score", f"--data={bad}", f"--out={tmp_path}/o.jsonl"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and f"{bad}:1: target_words" in p.stderr, p.stderr
+    assert not (tmp_path / "o.jsonl").exists(), "nothing written on bad input"
