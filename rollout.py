@@ -1,0 +1,269 @@
+"""
+Everything between the model and the loss, as plain functions: rendering prompts, sampling a
+group, the teacher-forced human reference (HRI), collation, chunked per-token log-probabilities,
+group advantages and the GRPO loss. train.py strings them together; tests check each alone.
+
+Conventions: sequences are prompt + completion, right-padded; a (B, T-1) loss mask says which
+next-token predictions are trained. Masks are always built from lengths, never by comparing
+token ids with pad or eos: the pad token may be the eos token.
+"""
+import json
+import math
+
+import torch
+from transformers import LogitsProcessor
+
+# -----------------------------------------------------------------------------
+# prompts and the human reference
+
+
+def render_prompt(tok, prompt, enable_thinking):
+    """The user turn plus the assistant's generation prompt, as token ids."""
+    text = tok.apply_chat_template([dict(role="user", content=prompt)], tokenize=False,
+                                   add_generation_prompt=True, enable_thinking=enable_thinking)
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def eos_ids(model, tok):
+    """Every token id that ends generation (Qwen lists both <|im_end|> and <|endoftext|>)."""
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    return sorted(set(ids) | {tok.eos_token_id})
+
+
+def reference_tokens(tok, prompt, story, enable_thinking, eos, mask_think=True):
+    """HRI: the exact tokens the policy would have to emit after its generation prompt to write
+    `story` as its answer, ending with the end-of-turn token, and their loss mask.
+
+    Template-agnostic: render the whole conversation with the story as the assistant's answer,
+    subtract the rendering of the generation prompt (it must be a prefix), and cut after the
+    first end-of-turn token after the story (the model never emits the newline the template
+    puts after it). With thinking on, what comes before the story is an empty thinking block
+    (`\\n</think>\\n\\n` for Qwen). mask_think=True leaves it out of the loss: a human story has no
+    thinking, and training that block with a high advantage would teach the policy to stop
+    thinking. Returns (prompt_ids, answer_ids, mask) with len(mask) == len(answer_ids)."""
+    user = [dict(role="user", content=prompt)]
+    head = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking)
+    full = tok.apply_chat_template(user + [dict(role="assistant", content=story)], tokenize=False,
+                                   enable_thinking=enable_thinking)
+    if not full.startswith(head):
+        raise ValueError("the chat template's generation prompt is not a prefix of the rendered conversation; "
+                         "cannot build the reference answer")
+    answer = full[len(head):]
+    at = answer.find(story)
+    ends = [(answer.find(e, at + len(story)), e) for e in (tok.decode([i]) for i in eos)]
+    ends = [(pos, e) for pos, e in ends if pos >= 0]
+    if at < 0 or not ends:
+        raise ValueError("the rendered conversation does not contain the story followed by an end-of-turn token")
+    pos, end = min(ends)
+    cut = pos + len(end)
+    pre = tok(answer[:at], add_special_tokens=False).input_ids
+    body = tok(answer[at:cut], add_special_tokens=False).input_ids
+    mask = [0 if mask_think else 1] * len(pre) + [1] * len(body)
+    return tok(head, add_special_tokens=False).input_ids, pre + body, mask
+
+# -----------------------------------------------------------------------------
+# sampling a group
+
+
+class PresencePenalty(LogitsProcessor):
+    """Subtract `penalty` from the logit of every token already generated (not the prompt's),
+    as vLLM and the OpenAI API define presence_penalty."""
+
+    def __init__(self, penalty, prompt_len):
+        self.penalty, self.prompt_len = penalty, prompt_len
+
+    def __call__(self, input_ids, scores):
+        seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, input_ids[:, self.prompt_len:], True)
+        return scores - self.penalty * seen.to(scores.dtype)
+
+
+def check_sampling(repetition_penalty, presence_penalty):
+    """The model card: use either penalty, never both at once."""
+    if repetition_penalty != 1.0 and presence_penalty != 0.0:
+        raise ValueError(f"repetition_penalty={repetition_penalty} and presence_penalty={presence_penalty}: "
+                         "set one of them to neutral (1.0 / 0.0); the model card says never both at once")
+
+
+def split_thinking(text, enable_thinking, truncated):
+    """-> (thinking, story, truncated_in_thinking). The story is the text after the closing
+    think tag. With thinking on and no closing tag, everything was thinking: empty story."""
+    if "</think>" in text:
+        thinking, story = text.split("</think>", 1)
+        return thinking.replace("<think>", "").strip(), story.strip(), False
+    if enable_thinking:
+        return text.replace("<think>", "").strip(), "", truncated
+    return "", text.strip(), False
+
+
+@torch.no_grad()
+def sample_group(model, tok, prompt_ids, n, eos, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                 repetition_penalty=1.0, presence_penalty=0.0, enable_thinking=True):
+    """n completions of one prompt in one generate() call (identical prompts: no padding).
+    Each sample: completion_ids (through the first eos, or max_new_tokens long when truncated),
+    truncated, thinking, story, in_thinking (truncated before the story began)."""
+    check_sampling(repetition_penalty, presence_penalty)
+    x = torch.tensor([prompt_ids] * n, device=model.device)
+    procs = [PresencePenalty(presence_penalty, len(prompt_ids))] if presence_penalty else []
+    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True,
+                         temperature=temperature, top_p=top_p, top_k=top_k or None,
+                         repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
+                         logits_processor=procs, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    samples = []
+    for row in out[:, len(prompt_ids):].tolist():
+        stop = next((i for i, t in enumerate(row) if t in eos), None)
+        ids = row[: stop + 1] if stop is not None else row[:max_new_tokens]
+        text = tok.decode(ids[:-1] if stop is not None else ids, skip_special_tokens=False)
+        thinking, story, in_thinking = split_thinking(text, enable_thinking, stop is None)
+        samples.append(dict(completion_ids=ids, truncated=stop is None, thinking=thinking,
+                            story=story, in_thinking=in_thinking))
+    return samples
+
+# -----------------------------------------------------------------------------
+# collation and log-probabilities
+
+
+def collate(seqs, pad_id):
+    """seqs: [(prompt_ids, completion_ids, completion_mask)] -> input_ids, attention_mask (B, T)
+    and loss_mask (B, T-1) over next-token targets: 1 where completion_mask is 1."""
+    T = max(len(p) + len(c) for p, c, _ in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(seqs), T, dtype=torch.long)
+    loss_mask = torch.zeros(len(seqs), T - 1)
+    for b, (p, c, m) in enumerate(seqs):
+        n = len(p) + len(c)
+        ids[b, :n] = torch.tensor(p + c)
+        attn[b, :n] = 1
+        # target at position t is ids[t + 1]: completion token j sits at len(p) + j
+        loss_mask[b, len(p) - 1: n - 1] = torch.tensor(m, dtype=torch.float)
+    return ids, attn, loss_mask
+
+
+class ChunkedLogProb(torch.autograd.Function):
+    """log softmax(h @ W.T / T)[target] for N rows, chunk rows at a time, recomputing the
+    logits in backward: peak extra memory is chunk x V floats instead of N x V (at 8,192
+    tokens and V = 248,320 the full logits alone are 8 GB in fp32, their gradient as much)."""
+
+    @staticmethod
+    def forward(ctx, h, W, targets, temperature, chunk):  # h (N, H), W (V, H), targets (N,)
+        out = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
+        for i in range(0, h.shape[0], chunk):
+            logits = (h[i:i + chunk] @ W.T).float() / temperature  # (c, V)
+            out[i:i + chunk] = logits.gather(1, targets[i:i + chunk, None])[:, 0] - logits.logsumexp(-1)
+        ctx.save_for_backward(h, W, targets)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # g (N,)
+        h, W, targets = ctx.saved_tensors
+        gh, gW = torch.zeros_like(h), torch.zeros_like(W)
+        for i in range(0, h.shape[0], ctx.chunk):
+            hc, tc, gc = h[i:i + ctx.chunk], targets[i:i + ctx.chunk], g[i:i + ctx.chunk]
+            p = ((hc @ W.T).float() / ctx.temperature).softmax(-1)  # (c, V)
+            # d logp[target] / d logits = onehot(target) - softmax, scaled by 1/T
+            gl = -p * gc[:, None]
+            gl[torch.arange(len(tc)), tc] += gc
+            gl = (gl / ctx.temperature).to(h.dtype)
+            gh[i:i + ctx.chunk] = gl @ W
+            gW.addmm_(gl.T, hc)  # accumulated in W's dtype
+        return gh, gW, None, None, None
+
+
+def token_logprobs(model, input_ids, attention_mask, loss_mask, temperature=1.0, chunk=1024):
+    """(B, T-1) log-probabilities of each next token at the sampling temperature, computed
+    only where loss_mask is set (zeros elsewhere), without materialising the full logits."""
+    h = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    sel = loss_mask.bool()
+    logp = ChunkedLogProb.apply(h[:, :-1][sel], model.get_output_embeddings().weight,
+                                input_ids[:, 1:][sel], temperature, chunk)
+    return torch.zeros(loss_mask.shape, device=h.device, dtype=torch.float32).masked_scatter(sel, logp)
+
+# -----------------------------------------------------------------------------
+# advantages and loss
+
+
+def group_advantages(R, scale_rewards="group", eps=1e-4):
+    """R (G,) rewards of one group, reference included -> advantages (G,).
+    NaN rewards (the judge failed) are left out of the mean and std and get advantage 0.
+    scale_rewards='group': (R - mean) / (std + eps); 'none': R - mean (Dr. GRPO).
+    Returns (A, zero_std) where zero_std says the group carries no signal."""
+    ok = ~torch.isnan(R)
+    A = torch.zeros_like(R)
+    if ok.sum() < 2:
+        return A, True
+    r = R[ok]
+    std = r.std(unbiased=False)  # population std, as in TRL
+    A[ok] = r - r.mean()
+    if scale_rewards == "group":
+        A[ok] = A[ok] / (std + eps)
+    return A, bool(std < 1e-8)
+
+
+def grpo_loss(logp, old_logp, adv, mask, loss_norm, denom, eps_low=0.2, eps_high=0.28, ref_logp=None, kl_coef=0.0):
+    """The clipped policy-gradient loss of one micro-batch. logp, old_logp, mask (B, T); adv (B,).
+    On-policy with one update per batch, old_logp = logp.detach(): the ratio is exactly 1,
+    clipping never acts and the gradient is -A * grad(log p). `denom` is global, counted over
+    every rank and micro-batch, so that summing micro-batches and all-reducing gradients gives
+    exactly the batch loss: 'token' -> total trained tokens (DAPO, TRL), 'seq' -> number of
+    sequences, each sequence first averaged over its tokens (original GRPO), 'constant' ->
+    number of sequences x max_new_tokens (Dr. GRPO)."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    per_tok = -torch.min(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
+    if kl_coef:
+        d = ref_logp - logp  # k3 estimator of KL(pi || pi_ref), always >= 0
+        per_tok = per_tok + kl_coef * (torch.exp(d) - d - 1)
+    per_tok = per_tok * mask
+    if loss_norm == "seq":
+        return (per_tok.sum(1) / mask.sum(1).clamp(min=1)).sum() / denom
+    return per_tok.sum() / denom
+
+# -----------------------------------------------------------------------------
+# memory plan and the tiny model
+
+
+def memory_plan(n_params, world_size, param_bytes):
+    """Per-GPU bytes: weights and gradients replicated, AdamW's fp32 master weights and two
+    moments (12 bytes a parameter) split over the ranks. Activations come on top."""
+    return dict(weights=n_params * param_bytes, grads=n_params * param_bytes,
+                optimizer=12 * n_params / world_size)
+
+
+CHAT_TEMPLATE = (  # Qwen-style: an assistant turn always carries its (possibly empty) think block
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' %}<think>\n{{ (m.reasoning_content or '') | trim }}\n</think>\n\n{% endif %}"
+    "{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% else %}<think>\n{% endif %}{% endif %}")
+
+
+def build_tiny(data_files, vocab_size=1024, hidden=64, layers=4, seed=0):
+    """A tiny Qwen3.5-architecture model (3 linear-attention layers to 1 full-attention layer,
+    like the 9B) with random weights, and a byte-level BPE tokenizer trained on the project's
+    own text with a Qwen-style chat template. Nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3_5TextConfig
+    texts = []
+    for path in data_files:
+        for line in open(path, encoding="utf-8"):
+            row = json.loads(line)
+            texts += [row["prompt"], row["story"]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    heads = max(1, hidden // 16)
+    config = Qwen3_5TextConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=16,
+        linear_num_key_heads=max(1, heads // 2), linear_num_value_heads=heads, linear_key_head_dim=16,
+        linear_value_head_dim=16, max_position_embeddings=8192, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32), tok

@@ -1,0 +1,466 @@
+"""
+POLARIS: GRPO with an LLM-judge reward and human-reference injection, for long-form stories.
+
+    python train.py config/tiny.py                                  # CPU, tiny model, local judge
+    torchrun --standalone --nproc_per_node=2 train.py config/tiny.py   # the same with 2 gloo ranks
+    torchrun --standalone --nproc_per_node=4 train.py config/polaris.py  # the paper run, 4x A100 80GB
+    python train.py config/tiny.py --resume=True                    # continue from the last checkpoint
+
+The algorithm's choices, in the order they happen each step:
+1. Groups. batch_groups prompts per step; for each, the policy samples group_size - n_ref
+   stories (thinking on for the paper run) in one generate call, and n_ref human stories for
+   the same prompt join the group (HRI). Each rank owns whole groups: batch_groups / world.
+2. Reward. Every story, the human one included (ref_reward='judge'), is scored by the LLM
+   judge on the 16-dimension rubric: R = SQ - length_weight * (1 - length_score). The thinking
+   trace is stripped before judging; a story truncated inside its thinking is empty and gets
+   the minimum reward. Judging overlaps generation: a group goes to the judge's thread pool
+   as soon as it is sampled.
+3. Advantage. Over the whole group, reference included: (R - mean) / (std + eps), or R - mean
+   with scale_rewards='none'. A NaN reward (the judge failed) is left out and gets A = 0.
+4. Reference tokens. The human story is teacher-forced as the tokens the policy would emit
+   after its generation prompt: an empty thinking block, the story, the end-of-turn token.
+   Only the story and end-of-turn token are trained (ref_mask_think): training the empty
+   thinking block with a high advantage would teach the policy to stop thinking.
+5. Loss. On-policy, one optimizer step per batch (num_iterations=1): the PPO ratio is exactly
+   1, clipping never acts, and the gradient is -A * grad(log p) at the sampling temperature.
+   With num_iterations > 1 the batch is reused with clipping (epsilon, epsilon_high). Token
+   mean over all ranks and micro-batches (loss_norm='token'); 'seq' and 'constant' for the
+   original GRPO and Dr. GRPO. KL to the initial policy only if kl_coef > 0.
+6. Update. Gradients all-reduced by hand in flat buckets, clipped, and applied by a sharded
+   AdamW: each parameter has one owner rank that keeps its fp32 master copy and moments,
+   updates it and broadcasts it. A step whose gradient is not finite is skipped.
+"""
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import judge as judge_lib
+import rollout
+import rubric
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+# default config: the paper run (config/polaris.py repeats it with the reasons)
+# I/O
+out_dir = "out/polaris"
+save_interval = 20  # checkpoint every this many steps, and at the end
+keep_last = 3  # checkpoints kept on disk
+resume = False  # continue from the newest checkpoint in out_dir
+wandb_log = False
+wandb_project = "polaris"
+wandb_run_name = "polaris-9b"
+# data
+train_data = "data/sample/train.jsonl"  # JSONL {id, prompt, target_words, story}
+max_ref_words = 4000
+# model
+init_from = "Qwen/Qwen3.5-9B"  # hub id or local folder; 'tiny' builds a tiny random model
+tiny_vocab, tiny_hidden, tiny_layers = 1024, 64, 4  # only for init_from='tiny'
+dtype = "bfloat16"  # weights and gradients; AdamW keeps fp32 master weights
+gradient_checkpointing = True
+device_memory_gb = 0.0  # 0: read from the GPU (no check on CPU)
+# grpo
+max_steps = 160
+batch_groups = 8  # prompts (groups) per step
+group_size = 6  # samples per group, the human reference included
+n_ref = 1  # human references per group; 0 turns HRI off
+ref_reward = "judge"  # 'judge', or a fixed reward for the reference such as '60'
+ref_mask_think = True
+scale_rewards = "group"  # 'group': (R - mean) / (std + eps); 'none': R - mean
+loss_norm = "token"  # 'token', 'seq' or 'constant'
+num_iterations = 1  # optimizer steps per batch; > 1 reuses it with PPO clipping
+epsilon, epsilon_high = 0.2, 0.28
+kl_coef = 0.0
+learning_rate = 1e-6
+warmup_steps = 10
+weight_decay = 0.0
+beta1, beta2 = 0.9, 0.99
+grad_clip = 1.0
+micro_batch_size = 1  # sequences per forward/backward
+logprob_chunk = 1024  # rows of the LM head computed at once
+bucket_numel = 2 ** 26  # gradient elements per all-reduce
+seed = 1337
+# rollout
+enable_thinking = True
+max_new_tokens = 8192
+temperature = 0.6
+top_p = 0.95
+top_k = 20
+repetition_penalty = 1.0
+presence_penalty = 1.0
+# judge
+judge_url = "https://generativelanguage.googleapis.com/v1beta/openai"
+judge_model = "gemini-3-flash-preview"
+judge_key_env = "GEMINI_API_KEY"
+judge_workers = 32
+judge_timeout = 300.0
+judge_retries = 6
+judge_reasks = 2
+judge_backoff_max = 60.0
+judge_extra = {"reasoning_effort": "low", "service_tier": "flex"}
+judge_price_in, judge_price_out = 0.25, 1.5  # dollars per million tokens (flex tier)
+length_weight = 25.0
+# -----------------------------------------------------------------------------
+config = configure(globals())
+ddp = int(os.environ.get("RANK", -1)) != -1  # torchrun sets RANK
+ddp_rank = int(os.environ.get("RANK", 0))
+ddp_local_rank = int(os.environ.get("LOCAL_RANK", 0))
+ddp_world_size = int(os.environ.get("WORLD_SIZE", 1))
+master_process = ddp_rank == 0
+
+
+def fail(msg):
+    sys.exit(f"error: {msg}")
+
+
+# --- validate everything that can be checked before a model is loaded
+try:
+    rollout.check_sampling(repetition_penalty, presence_penalty)
+except ValueError as e:
+    fail(str(e))
+if batch_groups % ddp_world_size:
+    fail(f"batch_groups={batch_groups} does not divide over {ddp_world_size} ranks: each rank owns whole groups")
+if not 0 <= n_ref < group_size:
+    fail(f"n_ref={n_ref} must be at least 0 and less than group_size={group_size}")
+for key, allowed in (("loss_norm", ("token", "seq", "constant")), ("scale_rewards", ("group", "none")),
+                     ("dtype", ("float32", "bfloat16", "float16"))):
+    if config[key] not in allowed:
+        fail(f"{key}={config[key]!r} must be one of {allowed}")
+if num_iterations < 1:
+    fail(f"num_iterations={num_iterations} must be at least 1")
+try:
+    ref_fixed = None if ref_reward == "judge" else float(ref_reward)
+except ValueError:
+    fail(f"ref_reward={ref_reward!r} must be 'judge' or a number")
+try:
+    rows = rubric.load_rows(train_data, max_words=max_ref_words)
+    judge = judge_lib.judge_from_config(config, cache_dir=os.path.join(out_dir, "judge_cache"))
+except FileNotFoundError as e:
+    fail(f"train_data: {e}")
+except ValueError as e:
+    fail(str(e))
+ckpts = sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))
+if resume and not ckpts:
+    fail(f"--resume=True but no checkpoint in {out_dir}")
+
+# -----------------------------------------------------------------------------
+# distributed set-up: about fifteen lines, no wrapper
+if ddp:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    device = f"cuda:{ddp_local_rank}" if backend == "nccl" else "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+else:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+ptdtype = getattr(torch, dtype)
+random.seed(seed + ddp_rank)
+np.random.seed(seed + ddp_rank)
+torch.manual_seed(seed + ddp_rank)
+
+
+def barrier():
+    if ddp:
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# model: the memory plan first, from the config alone, so a run that cannot fit stops early
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+if init_from == "tiny":
+    base, tok = rollout.build_tiny([train_data], tiny_vocab, tiny_hidden, tiny_layers, seed)
+    n_params = sum(p.numel() for p in base.parameters())
+else:
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(init_from)).parameters())
+plan = rollout.memory_plan(n_params, ddp_world_size, ptdtype.itemsize)
+budget = device_memory_gb * 1e9 or (torch.cuda.get_device_properties(device).total_memory if "cuda" in device else 0)
+if master_process:
+    print(f"memory plan per rank: {n_params / 1e9:.2f}B params | weights {plan['weights'] / 1e9:.1f} GB + grads "
+          f"{plan['grads'] / 1e9:.1f} GB + AdamW shard {plan['optimizer'] / 1e9:.1f} GB = "
+          f"{sum(plan.values()) / 1e9:.1f} GB of {budget / 1e9:.0f} GB, activations on top")
+if budget and sum(plan.values()) > 0.9 * budget:
+    fail(f"the memory plan ({sum(plan.values()) / 1e9:.1f} GB) does not fit in 90% of {budget / 1e9:.0f} GB per device: "
+         "use more ranks or a smaller model")
+
+load_from = ckpts[-1] if resume else init_from
+if init_from == "tiny" and not resume:
+    model = base
+    if master_process:  # keep the tiny base model: evaluation compares against it
+        base.save_pretrained(os.path.join(out_dir, "base"))
+        tok.save_pretrained(os.path.join(out_dir, "base"))
+else:
+    model = AutoModelForCausalLM.from_pretrained(load_from, dtype=ptdtype)
+    tok = AutoTokenizer.from_pretrained(load_from)
+model.to(device=device, dtype=ptdtype)
+if gradient_checkpointing:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+ref_model = None
+if kl_coef:  # a frozen copy of the initial policy, loaded only when the KL term is on
+    ref_model = (rollout.build_tiny([train_data], tiny_vocab, tiny_hidden, tiny_layers, seed)[0] if init_from == "tiny"
+                 else AutoModelForCausalLM.from_pretrained(init_from, dtype=ptdtype))
+    ref_model.to(device=device, dtype=ptdtype).eval().requires_grad_(False)
+eos = rollout.eos_ids(model, tok)
+
+# -----------------------------------------------------------------------------
+# sharded AdamW: each parameter has one owner rank (largest first, to the least loaded rank)
+params = [p for p in model.parameters() if p.requires_grad]
+owner, load = [0] * len(params), [0] * ddp_world_size
+for i in sorted(range(len(params)), key=lambda i: -params[i].numel()):
+    owner[i] = min(range(ddp_world_size), key=load.__getitem__)
+    load[owner[i]] += params[i].numel()
+mine = [i for i in range(len(params)) if owner[i] == ddp_rank]
+master_w = {i: params[i].detach().float().clone() for i in mine}  # fp32 master weights
+exp_avg = {i: torch.zeros_like(master_w[i]) for i in mine}
+exp_avg_sq = {i: torch.zeros_like(master_w[i]) for i in mine}
+adam_t = 0
+start_step = 0
+if resume:
+    shard = torch.load(os.path.join(load_from, f"optim_rank{ddp_rank}.pt"), map_location=device)
+    if shard["world_size"] != ddp_world_size:
+        fail(f"{load_from} was written by {shard['world_size']} ranks; resume with the same number")
+    master_w, exp_avg, exp_avg_sq, adam_t = shard["master"], shard["exp_avg"], shard["exp_avg_sq"], shard["adam_t"]
+    random.setstate(shard["rng"]["python"])
+    np.random.set_state(shard["rng"]["numpy"])
+    torch.set_rng_state(shard["rng"]["torch"].cpu())
+    start_step = torch.load(os.path.join(load_from, "state.pt"))["step"]
+    if master_process:
+        print(f"resuming from {load_from} at step {start_step}")
+        for name in ("metrics.jsonl", "rollouts.jsonl"):  # drop log rows written after the checkpoint
+            path = os.path.join(out_dir, name)
+            if os.path.exists(path):
+                keep = [l for l in open(path) if json.loads(l)["step"] < start_step]
+                open(path, "w").writelines(keep)
+
+
+def all_reduce_grads():
+    """Sum gradients over ranks in flat fp32 buckets (bf16 sums of 4 ranks would lose bits)."""
+    bucket, size = [], 0
+    for k, p in enumerate(params):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        bucket.append(p)
+        size += p.numel()
+        if size >= bucket_numel or k == len(params) - 1:
+            flat = torch.cat([q.grad.flatten().float() for q in bucket])
+            dist.all_reduce(flat)
+            for q, g in zip(bucket, flat.split([q.numel() for q in bucket])):
+                q.grad.copy_(g.view_as(q))
+            bucket, size = [], 0
+
+
+def adamw_step(lr, clip_coef):
+    """AdamW on the parameters this rank owns, then every owner broadcasts its new values."""
+    global adam_t
+    adam_t += 1
+    for i in mine:
+        g = params[i].grad.float() * clip_coef
+        exp_avg[i].mul_(beta1).add_(g, alpha=1 - beta1)
+        exp_avg_sq[i].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (exp_avg_sq[i] / (1 - beta2 ** adam_t)).sqrt_().add_(1e-8)
+        master_w[i].mul_(1 - lr * weight_decay).addcdiv_(exp_avg[i], denom, value=-lr / (1 - beta1 ** adam_t))
+        params[i].data.copy_(master_w[i])
+    if ddp:  # one broadcast per tensor: simple, and small next to generation time
+        for i, p in enumerate(params):
+            dist.broadcast(p.data, src=owner[i])
+
+
+def save_checkpoint(step):
+    """A save_pretrained folder plus each rank's optimizer shard, written under a temporary
+    name and renamed when complete; the newest keep_last are kept."""
+    final = os.path.join(out_dir, f"ckpt_{step:06d}")
+    tmp = os.path.join(out_dir, f".tmp_ckpt_{step:06d}")
+    if master_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    torch.save(dict(master=master_w, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, adam_t=adam_t, rng=rng,
+                    world_size=ddp_world_size), os.path.join(tmp, f"optim_rank{ddp_rank}.pt"))
+    barrier()
+    if master_process:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        torch.save(dict(step=step, data_pos=step * batch_groups, config=config), os.path.join(tmp, "state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))[:-keep_last]:
+            shutil.rmtree(old)
+    barrier()
+
+
+def step_rows(step):
+    """The step's batch_groups global group ids and rows: a fresh permutation each epoch."""
+    out = []
+    for k in range(step * batch_groups, (step + 1) * batch_groups):
+        epoch, i = divmod(k, len(rows))
+        out.append((k % batch_groups, rows[np.random.default_rng(seed + epoch).permutation(len(rows))[i]]))
+    return out
+
+
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+    if wandb_log:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+ref_cache = {}  # row id -> (prompt_ids, answer_ids, mask)
+
+# -----------------------------------------------------------------------------
+# training loop
+for step in range(start_step, max_steps):
+    t0 = time.time()
+    my_groups = step_rows(step)[ddp_rank::ddp_world_size]  # rank r owns groups r, r + W, ...
+
+    # --- generate; each group goes to the judge as soon as it exists
+    model.eval()
+    groups, gen_tokens = [], 0
+    for gid, row in tqdm(my_groups, desc=f"step {step + 1} generate", leave=False, disable=not master_process):
+        torch.manual_seed(seed + 100_003 * step + gid)  # a group's samples depend on (seed, step, group) only
+        prompt_ids = rollout.render_prompt(tok, row["prompt"], enable_thinking)
+        samples = rollout.sample_group(model, tok, prompt_ids, group_size - n_ref, eos, max_new_tokens, temperature,
+                                       top_p, top_k, repetition_penalty, presence_penalty, enable_thinking)
+        for s in samples:
+            s.update(prompt_ids=prompt_ids, mask=[1] * len(s["completion_ids"]), is_ref=False)
+            gen_tokens += len(s["completion_ids"])
+        for _ in range(n_ref):
+            if row["id"] not in ref_cache:
+                ref_cache[row["id"]] = rollout.reference_tokens(tok, row["prompt"], row["story"], enable_thinking,
+                                                                eos, ref_mask_think)
+            p, a, m = ref_cache[row["id"]]
+            samples.append(dict(prompt_ids=p, completion_ids=a, mask=m, is_ref=True, story=row["story"],
+                                truncated=False, in_thinking=False, thinking=""))
+        for s in samples:
+            if s["is_ref"] and ref_fixed is not None:
+                s["judged"] = dict(reward=ref_fixed, sq=math.nan, ratio=1.0, scores=None, error=None,
+                                   tokens_in=0, tokens_out=0, cost=0.0, cached=0)
+            else:
+                s["future"] = judge.submit(row["prompt"], row["target_words"], s["story"])
+        groups.append((gid, row, samples))
+    t_gen = time.time() - t0
+
+    # --- wait for the judge, then rewards and group advantages
+    t1 = time.time()
+    zero_std = 0
+    for gid, row, samples in groups:
+        for s in samples:
+            if "future" in s:
+                s["judged"] = s.pop("future").result()
+        R = torch.tensor([s["judged"]["reward"] for s in samples], dtype=torch.float64)
+        A, flat = rollout.group_advantages(R, scale_rewards)
+        zero_std += flat
+        for s, a in zip(samples, A.tolist()):
+            s["adv"] = a
+    t_judge = time.time() - t1
+
+    # --- policy-gradient loss over micro-batches sorted by length
+    t2 = time.time()
+    model.train()
+    seqs = [s for _, _, samples in groups for s in samples]
+    n_tok = sum(sum(s["mask"]) for s in seqs)
+    totals = torch.tensor([n_tok, len(seqs)], dtype=torch.float64)
+    if ddp:
+        dist.all_reduce(totals)  # the loss is normalised by counts over all ranks
+    denom = {"token": totals[0].item(), "seq": totals[1].item(), "constant": totals[1].item() * max_new_tokens}[loss_norm]
+    seqs.sort(key=lambda s: len(s["prompt_ids"]) + len(s["completion_ids"]))
+    micro = [seqs[i:i + micro_batch_size] for i in range(0, len(seqs), micro_batch_size)]
+
+    def forward(mb, grad):
+        ids, attn, lm = rollout.collate([(s["prompt_ids"], s["completion_ids"], s["mask"]) for s in mb], tok.pad_token_id)
+        ids, attn, lm = ids.to(device), attn.to(device), lm.to(device)
+        with torch.set_grad_enabled(grad):
+            return rollout.token_logprobs(model, ids, attn, lm, temperature, logprob_chunk), ids, attn, lm
+
+    old_logps = [forward(mb, False)[0] for mb in micro] if num_iterations > 1 else None
+    loss_sum = ref_nll = ref_tok = train_tokens = 0.0
+    skipped = 0
+    t_sync = 0.0
+    lr = learning_rate * min(1.0, (step + 1) / max(1, warmup_steps))  # linear warmup, then constant
+    for it in range(num_iterations):
+        for k, mb in enumerate(micro):
+            logp, ids, attn, lm = forward(mb, True)
+            old = logp.detach() if old_logps is None else old_logps[k]
+            ref_logp = None
+            if kl_coef:
+                with torch.no_grad():
+                    ref_logp = rollout.token_logprobs(ref_model, ids, attn, lm, temperature, logprob_chunk)
+            adv = torch.tensor([s["adv"] for s in mb], device=device)
+            loss = rollout.grpo_loss(logp, old, adv, lm, loss_norm, denom, epsilon, epsilon_high, ref_logp, kl_coef)
+            loss.backward()
+            loss_sum += loss.item()
+            if it == 0:
+                train_tokens += attn.sum().item()
+                is_ref = torch.tensor([s["is_ref"] for s in mb], device=device)
+                ref_nll -= (logp.detach() * lm)[is_ref].sum().item()
+                ref_tok += lm[is_ref].sum().item()
+        # --- sync: all-reduce gradients, clip, sharded AdamW
+        t3 = time.time()
+        if ddp:
+            all_reduce_grads()
+        grad_norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in params if p.grad is not None)).item()
+        if math.isfinite(grad_norm):
+            adamw_step(lr, min(1.0, grad_clip / (grad_norm + 1e-6)) if grad_clip else 1.0)
+        else:
+            skipped += 1  # identical on every rank: the gradients were summed before the check
+        model.zero_grad(set_to_none=True)
+        t_sync += time.time() - t3
+    t_train = time.time() - t2 - t_sync
+
+    # --- metrics: local sums, one all_reduce, then the master logs
+    rolls = [s for s in seqs if not s["is_ref"]]
+    refs = [s for s in seqs if s["is_ref"]]
+    ok = lambda xs, key: [s["judged"][key] for s in xs if not math.isnan(s["judged"][key])]
+    sums = torch.tensor([
+        sum(ok(rolls, "reward")), len(ok(rolls, "reward")), sum(ok(refs, "reward")), len(ok(refs, "reward")),
+        sum(ok(rolls, "sq")), len(ok(rolls, "sq")), sum(s["judged"]["ratio"] for s in rolls), len(rolls),
+        sum(s["truncated"] for s in rolls), zero_std, ref_nll, ref_tok, loss_sum,
+        sum(s["judged"]["error"] is not None for s in seqs), sum(s["judged"]["tokens_in"] + s["judged"]["tokens_out"] for s in seqs),
+        sum(s["judged"]["cost"] for s in seqs), gen_tokens, train_tokens, t_gen, t_judge, t_train, t_sync,
+        sum(s["in_thinking"] for s in rolls)], dtype=torch.float64)
+    if ddp:
+        dist.all_reduce(sums)
+    (r_sum, r_n, ref_sum, ref_n, sq_sum, sq_n, ratio_sum, n_roll, n_trunc, n_zero, nll_sum, nll_tok, loss_tot, n_fail,
+     j_tok, j_cost, g_tok, tr_tok, tg, tj, tt, ts, n_think) = sums.tolist()
+    tg, tj, tt, ts = (x / ddp_world_size for x in (tg, tj, tt, ts))  # mean seconds per rank
+    records = [dict(step=step, group=gid, id=row["id"], is_ref=s["is_ref"], story=s["story"],
+                    thinking_words=rubric.count_words(s["thinking"]), truncated=s["truncated"], adv=s["adv"],
+                    **{k: s["judged"][k] for k in ("reward", "sq", "ratio", "scores", "error")})
+               for gid, row, samples in groups for s in samples]
+    if ddp:
+        gathered = [None] * ddp_world_size if master_process else None
+        dist.gather_object(records, gathered, dst=0)
+        records = [r for part in (gathered or []) for r in part]
+    if master_process:
+        mean = lambda s, n: s / n if n else float("nan")
+        m = dict(step=step, reward=mean(r_sum, r_n), ref_reward=mean(ref_sum, ref_n), sq=mean(sq_sum, sq_n),
+                 length_ratio=mean(ratio_sum, n_roll), truncated=mean(n_trunc, n_roll), truncated_in_thinking=mean(n_think, n_roll),
+                 zero_std_groups=int(n_zero), ref_nll=mean(nll_sum, nll_tok), loss=loss_tot / num_iterations,
+                 grad_norm=grad_norm, skipped=skipped, judge_failures=int(n_fail), judge_tokens=int(j_tok),
+                 judge_cost=j_cost, lr=lr, t_generate=tg, t_judge_wait=tj, t_train=tt, t_sync=ts,
+                 gen_tok_per_s=g_tok / max(tg * ddp_world_size, 1e-9), train_tok_per_s=tr_tok / max(tt * ddp_world_size, 1e-9))
+        print(f"step {step + 1}/{max_steps} | reward {m['reward']:.1f} (ref {m['ref_reward']:.1f}) | sq {m['sq']:.1f} | "
+              f"len {m['length_ratio']:.2f} | trunc {m['truncated']:.2f} | zero-std {m['zero_std_groups']}/{batch_groups} | "
+              f"ref nll {m['ref_nll']:.2f} | loss {m['loss']:.4f} | gnorm {grad_norm:.2f}{' SKIPPED' if skipped else ''} | "
+              f"judge fail {m['judge_failures']} ${j_cost:.3f} {j_tok / 1e3:.1f}k tok | gen {tg:.1f}s {m['gen_tok_per_s']:.0f} tok/s | "
+              f"judge wait {tj:.1f}s | train {tt:.1f}s {m['train_tok_per_s']:.0f} tok/s | sync {ts:.1f}s", flush=True)
+        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(m) + "\n")
+        with open(os.path.join(out_dir, "rollouts.jsonl"), "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        if wandb_log:
+            wandb.log(m, step=step)
+    if (step + 1) % save_interval == 0 or step + 1 == max_steps:
+        save_checkpoint(step + 1)
+
+judge.close()
+if ddp:
+    dist.destroy_process_group()
