@@ -186,9 +186,9 @@ else:
 plan = rollout.memory_plan(n_params, ddp_world_size, ptdtype.itemsize)
 budget = device_memory_gb * 1e9 or (torch.cuda.get_device_properties(device).total_memory if "cuda" in device else 0)
 if master_process:
-    print(f"memory plan per rank: {n_params / 1e9:.2f}B params | weights {plan['weights'] / 1e9:.1f} GB + grads "
-          f"{plan['grads'] / 1e9:.1f} GB + AdamW shard {plan['optimizer'] / 1e9:.1f} GB = "
-          f"{sum(plan.values()) / 1e9:.1f} GB of {budget / 1e9:.0f} GB, activations on top")
+    print(f"memory plan per rank: {n_params / 1e6:,.1f}M params | weights {plan['weights'] / 1e9:.2f} GB + grads "
+          f"{plan['grads'] / 1e9:.2f} GB + AdamW shard {plan['optimizer'] / 1e9:.2f} GB = {sum(plan.values()) / 1e9:.2f} GB"
+          + (f" of {budget / 1e9:.0f} GB" if budget else " (no device limit on CPU)") + ", activations on top")
 if budget and sum(plan.values()) > 0.9 * budget:
     fail(f"the memory plan ({sum(plan.values()) / 1e9:.1f} GB) does not fit in 90% of {budget / 1e9:.0f} GB per device: "
          "use more ranks or a smaller model")
@@ -226,14 +226,15 @@ exp_avg_sq = {i: torch.zeros_like(master_w[i]) for i in mine}
 adam_t = 0
 start_step = 0
 if resume:
-    shard = torch.load(os.path.join(load_from, f"optim_rank{ddp_rank}.pt"), map_location=device)
+    # our own file, so weights_only=False is safe: it also holds numpy's RNG state
+    shard = torch.load(os.path.join(load_from, f"optim_rank{ddp_rank}.pt"), map_location=device, weights_only=False)
     if shard["world_size"] != ddp_world_size:
         fail(f"{load_from} was written by {shard['world_size']} ranks; resume with the same number")
     master_w, exp_avg, exp_avg_sq, adam_t = shard["master"], shard["exp_avg"], shard["exp_avg_sq"], shard["adam_t"]
     random.setstate(shard["rng"]["python"])
     np.random.set_state(shard["rng"]["numpy"])
     torch.set_rng_state(shard["rng"]["torch"].cpu())
-    start_step = torch.load(os.path.join(load_from, "state.pt"))["step"]
+    start_step = torch.load(os.path.join(load_from, "state.pt"), weights_only=False)["step"]
     if master_process:
         print(f"resuming from {load_from} at step {start_step}")
         for name in ("metrics.jsonl", "rollouts.jsonl"):  # drop log rows written after the checkpoint

@@ -1,0 +1,153 @@
+import math
+
+import pytest
+import torch
+
+import rollout
+
+DATA = ["data/sample/train.jsonl", "data/sample/heldout.jsonl"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = rollout.build_tiny(DATA, seed=0)
+    return model, tok
+
+
+def test_group_advantages_hand_computed():
+    R = torch.tensor([1.0, 2, 3, 4, 5, 6], dtype=torch.float64)
+    A, flat = rollout.group_advantages(R)
+    std = math.sqrt(sum((r - 3.5) ** 2 for r in range(1, 7)) / 6)
+    assert torch.allclose(A, (R - 3.5) / (std + 1e-4)) and not flat, "(R - mean) / (std + eps), population std"
+    A, _ = rollout.group_advantages(R, "none")
+    assert torch.allclose(A, R - 3.5), "scale_rewards='none' is R - mean"
+    A, flat = rollout.group_advantages(torch.tensor([1.0, math.nan, 3.0], dtype=torch.float64))
+    assert A[1] == 0 and torch.allclose(A[[0, 2]], torch.tensor([-1.0, 1.0], dtype=torch.float64) / (1 + 1e-4)), \
+        "a NaN reward is left out of mean and std and gets advantage 0"
+    A, flat = rollout.group_advantages(torch.tensor([5.0, 5.0, 5.0]))
+    assert flat and torch.all(A == 0), "a zero-std group carries no signal"
+
+
+def _batch():
+    torch.manual_seed(0)
+    logp = torch.randn(3, 5, dtype=torch.float64).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 0, 0]], dtype=torch.float64)
+    adv = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    return logp, mask, adv
+
+
+@pytest.mark.parametrize("norm, denom", [("token", 9.0), ("seq", 3.0), ("constant", 3.0 * 8)])
+def test_loss_normalisations_and_ratio_one_gradient(norm, denom):
+    logp, mask, adv = _batch()
+    loss = rollout.grpo_loss(logp, logp.detach(), adv, mask, norm, denom)
+    per_seq = -(adv[:, None] * mask).sum(1)  # ratio is 1: each token contributes -A
+    expected = (per_seq / mask.sum(1)).sum() / denom if norm == "seq" else per_seq.sum() / denom
+    assert torch.allclose(loss, expected), f"{norm}: {loss.item()} != {expected.item()}"
+    loss.backward()
+    scale = mask.sum(1, keepdim=True) if norm == "seq" else 1.0
+    assert torch.allclose(logp.grad, -adv[:, None] * mask / scale / denom), "gradient must be -A * grad(log p)"
+
+
+def test_clipping_acts_only_off_policy():
+    logp, mask, adv = _batch()
+    old = logp.detach() - 0.5  # ratio e^0.5 = 1.65 > 1 + 0.28 for every token
+    loss = rollout.grpo_loss(logp, old, adv, mask, "token", 9.0, 0.2, 0.28)
+    loss.backward()
+    assert torch.all(logp.grad[adv > 0] == 0), "positive advantage past 1 + epsilon_high: clipped, no gradient"
+    assert torch.all(logp.grad[1][mask[1] > 0] != 0), "negative advantage is not clipped above"
+
+
+def test_kl_term_is_zero_at_the_reference_and_positive_elsewhere():
+    logp, mask, adv = _batch()
+    base = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0)
+    same = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0, ref_logp=logp.detach(), kl_coef=0.1)
+    moved = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0, ref_logp=logp.detach() - 1, kl_coef=0.1)
+    assert torch.allclose(base, same) and moved > base, "k3 KL: 0 at the reference, positive away from it"
+
+
+def test_chunked_logprobs_equal_naive_with_gradients():
+    torch.manual_seed(0)
+    N, H, V = 37, 16, 301
+    h = torch.randn(N, H, requires_grad=True)
+    W = torch.randn(V, H, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+    w = torch.randn(N)  # a random downstream weighting, so every gradient path is exercised
+    naive = (h @ W.T / 0.7).log_softmax(-1).gather(1, t[:, None])[:, 0]
+    gh, gW = torch.autograd.grad((naive * w).sum(), (h, W))
+    chunked = rollout.ChunkedLogProb.apply(h, W, t, 0.7, 8)
+    ch, cW = torch.autograd.grad((chunked * w).sum(), (h, W))
+    assert torch.allclose(chunked, naive, atol=1e-5), "values differ"
+    assert torch.allclose(ch, gh, atol=1e-5) and torch.allclose(cW, gW, atol=1e-5), "gradients differ"
+
+
+def test_token_logprobs_on_the_model_and_padding_invariance(tiny):
+    model, tok = tiny
+    torch.manual_seed(1)
+    a, b = torch.randint(5, len(tok), (23,)).tolist(), torch.randint(5, len(tok), (40,)).tolist()
+    ids, attn, lm = rollout.collate([(a[:5], a[5:], [1] * 18), (b[:5], b[5:], [1] * 35)], tok.pad_token_id)
+    lp = rollout.token_logprobs(model, ids, attn, lm, temperature=0.8, chunk=7)
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / 0.8
+    naive = logits.log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0] * lm
+    assert torch.allclose(lp, naive, atol=1e-5), "chunked log-probs differ from the full logits"
+    g1 = torch.autograd.grad(lp.sum(), model.lm_head.weight, retain_graph=True)[0]
+    g2 = torch.autograd.grad(naive.sum(), model.lm_head.weight)[0]
+    assert torch.allclose(g1, g2, atol=1e-5), "LM-head gradients differ"
+    ids1, attn1, lm1 = rollout.collate([(a[:5], a[5:], [1] * 18)], tok.pad_token_id)
+    alone = rollout.token_logprobs(model, ids1, attn1, lm1)
+    batched = rollout.token_logprobs(model, ids, attn, lm)[:1, : alone.shape[1]]
+    assert torch.allclose(alone, batched, atol=1e-5), "right padding changed a sequence's log-probs"
+    assert lm[0, 4:22].all() and not lm[0, :4].any() and not lm[0, 22:].any(), "loss mask covers the completion only"
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_reference_tokens_match_the_template(tiny, thinking):
+    model, tok = tiny
+    prompt, story = "Write a 20-word story about a ferry.", "The ferry left at dawn.\n\nNobody waved, and she did not look back."
+    eos = rollout.eos_ids(model, tok)
+    p, a, mask = rollout.reference_tokens(tok, prompt, story, thinking, eos)
+    assert p == rollout.render_prompt(tok, prompt, thinking), "the reference follows the policy's own prompt"
+    rendered = tok.apply_chat_template([dict(role="user", content=prompt), dict(role="assistant", content=story)],
+                                       tokenize=False, enable_thinking=False)
+    assert tok.decode(p + a) == rendered[: rendered.rindex("<|im_end|>") + len("<|im_end|>")], \
+        "prompt + reference must be the template's rendering of the conversation, thinking block empty"
+    assert tok.decode([t for t, m in zip(a, mask) if m]) == story + "<|im_end|>", "mask covers exactly story + EOS"
+    assert a[-1] in eos and len(mask) == len(a), "the reference ends with the end-of-turn token"
+    _, _, unmasked = rollout.reference_tokens(tok, prompt, story, thinking, eos, mask_think=False)
+    assert all(unmasked), "ref_mask_think=False trains the whole answer"
+
+
+def test_split_thinking():
+    assert rollout.split_thinking("plan it\n</think>\n\nThe story.", True, False) == ("plan it", "The story.", False)
+    assert rollout.split_thinking("still planning", True, True) == ("still planning", "", True), \
+        "truncated inside thinking: empty story, marked"
+    assert rollout.split_thinking("The story.", False, True) == ("", "The story.", False), "thinking off: all story"
+
+
+def test_presence_penalty_and_both_penalties():
+    proc = rollout.PresencePenalty(1.5, prompt_len=2)
+    scores = proc(torch.tensor([[3, 4, 5, 5]]), torch.zeros(1, 8))
+    assert scores[0].tolist() == [0, 0, 0, 0, 0, -1.5, 0, 0], "only generated tokens are penalised, once"
+    with pytest.raises(ValueError, match="never both"):
+        rollout.check_sampling(1.05, 0.5)
+
+
+def test_sample_group_stops_at_eos_and_marks_truncation(tiny):
+    model, tok = tiny
+    prompt_ids = rollout.render_prompt(tok, "Write a story.", False)
+    torch.manual_seed(0)
+    samples = rollout.sample_group(model, tok, prompt_ids, 4, list(range(8, len(tok), 2)), 16, enable_thinking=False)
+    for s in samples:  # half the vocabulary ends generation: every sample stops within a few tokens
+        ids = s["completion_ids"]
+        assert not s["truncated"] and ids[-1] % 2 == 0 and ids[-1] >= 8, "ends with the eos it stopped at"
+        assert not any(t >= 8 and t % 2 == 0 for t in ids[:-1]), "nothing after the first eos"
+    samples = rollout.sample_group(model, tok, prompt_ids, 3, [tok.eos_token_id], 12, enable_thinking=True)
+    for s in samples:
+        assert s["truncated"] == (tok.eos_token_id not in s["completion_ids"]) and len(s["completion_ids"]) <= 12
+        if s["truncated"] and "</think>" not in tok.decode(s["completion_ids"]):
+            assert s["story"] == "" and s["in_thinking"], "truncated while thinking: empty story"
+
+
+def test_memory_plan_for_the_paper_run():
+    plan = rollout.memory_plan(9e9, 4, 2)
+    assert plan["weights"] == 18e9 and plan["grads"] == 18e9 and plan["optimizer"] == 27e9, \
+        "bf16 weights 18 GB + bf16 grads 18 GB + a quarter of 9B x 12 bytes"
