@@ -1,22 +1,18 @@
 """
-The LLM judge, reached over plain HTTP, and a local stand-in for it.
+The LLM judge, reached over plain HTTP.
 
 Judge is a thread-pool client for any OpenAI-compatible /v1/chat/completions endpoint: OpenAI
 (GPT-5.4, the paper's evaluation judge), Gemini's OpenAI-compatible endpoint (Gemini 3 Flash,
 the paper's training judge), or a local vLLM / llama.cpp server. It sends rubric.py's prompts,
 parses the replies with rubric.py's parsers, retries what is worth retrying, caches every reply
 on disk, counts tokens and dollars, and returns NaN with a reason, never a made-up score, for
-a story it could not get scored.
+a story it could not get scored. judge_url='local' starts local_judge.py's offline heuristic
+stand-in in this process (not a quality judge).
 
-The local judge (serve_local, or judge_url='local') answers the same API on 127.0.0.1 with a
-deterministic heuristic built from text statistics. It exists so that tests and CPU teaching
-runs work offline. It is NOT a judge of quality: it rewards fluent, varied, non-repetitive
-text that looks like the project's sample stories, and nothing deeper.
-
-    python judge.py serve --port=8000
+    python judge.py serve --port=8000          # the local judge on 127.0.0.1
     python judge.py score --data=data/sample/heldout.jsonl --out=out/scores.jsonl
     python judge.py score --data=IN.jsonl --out=OUT.jsonl --judge_url=https://api.openai.com/v1 \\
-        --judge_model=gpt-5.4 --judge_key_env=OPENAI_API_KEY --judge_price_in=1.25 --judge_price_out=10
+        --judge_model=gpt-5.4 --judge_key_env=OPENAI_API_KEY --judge_price_in=2.50 --judge_price_out=15
 """
 import email.utils
 import hashlib
@@ -24,13 +20,11 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
 
@@ -66,6 +60,7 @@ class Judge:
         self.key_env = key_env  # the key itself is read at each request and kept nowhere
         self.server = None
         if url == "local":
+            from local_judge import serve_local
             self.server, url = serve_local(port=0)
         self.url = url.rstrip("/") + "/chat/completions"
         self.model, self.extra = model, dict(extra or {})
@@ -127,13 +122,14 @@ class Judge:
         and ask again, at most self.reasks times. Returns (parsed, None) or (None, reason)."""
         for attempt in range(self.reasks + 1):
             try:
-                content, used, cached = self._chat(messages)
+                reply = self.chat(messages)
             except JudgeError as e:
                 return None, str(e)
+            content, used = reply["content"], reply["usage"]
             out["tokens_in"] += used.get("prompt_tokens") or 0
             out["tokens_out"] += used.get("completion_tokens") or 0
-            out["cached"] += cached
-            if not cached:
+            out["cached"] += reply["cached"]
+            if not reply["cached"]:
                 out["cost"] += ((used.get("prompt_tokens") or 0) * self.price_in
                                 + (used.get("completion_tokens") or 0) * self.price_out) / 1e6
             parsed, error = parse(content)
@@ -148,28 +144,28 @@ class Judge:
 
     # --- HTTP with retries, behind a disk cache
 
-    def _chat(self, messages):
-        """-> (content, usage, 1 if from the cache else 0). Raises JudgeError."""
+    def chat(self, messages):
+        """One chat completion: {content, usage, finish_reason, cached: 1 if from the disk cache
+        else 0}. Raises JudgeError. Also used to generate from API models (eval.py)."""
         body = dict(self.extra, model=self.model, messages=messages)
         key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         path = os.path.join(self.cache_dir, key[:2], key + ".json") if self.cache_dir else None
         if path and os.path.exists(path):
             try:
                 with open(path) as f:
-                    hit = json.load(f)
-                return hit["content"], hit["usage"], 1
-            except (OSError, ValueError, KeyError):
+                    return dict(json.load(f), cached=1)
+            except (OSError, ValueError):
                 pass  # unreadable entry: ask again and overwrite it
-        content, used = self._post(body)
+        reply = self._post(body)
         if path:
             # write to a temporary file in the same folder, then rename: a crash leaves either
             # no entry or a whole one, and concurrent writers of one key cannot interleave
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
             with os.fdopen(fd, "w") as f:
-                json.dump(dict(content=content, usage=used), f)
+                json.dump(reply, f)
             os.replace(tmp, path)
-        return content, used, 0
+        return dict(reply, cached=0)
 
     def _session(self):
         if not hasattr(self._local, "s"):
@@ -191,10 +187,11 @@ class Judge:
                 if r.status_code == 200:
                     try:
                         data = r.json()
-                        content = data["choices"][0]["message"]["content"]
-                        if not isinstance(content, str):
+                        choice = data["choices"][0]
+                        if not isinstance(choice["message"]["content"], str):
                             raise TypeError
-                        return content, data.get("usage") or {}
+                        return dict(content=choice["message"]["content"], usage=data.get("usage") or {},
+                                    finish_reason=choice.get("finish_reason"))
                     except (ValueError, KeyError, IndexError, TypeError):
                         reason = "HTTP 200 with a body that is not a chat completion"
                 elif r.status_code == 429 or r.status_code >= 500:
@@ -241,164 +238,6 @@ def usage(results):
                 cost=sum(r["cost"] for r in results), cached=sum(r["cached"] for r in results))
 
 # -----------------------------------------------------------------------------
-# the local heuristic judge
-
-
-def _load_vocab():
-    """Words and word pairs of the project's own stories: the yardstick for 'real words' and
-    'fluent word order' in the heuristic."""
-    words, pairs = set(), set()
-    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample")
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if name.endswith(".jsonl"):
-            for line in open(os.path.join(folder, name), encoding="utf-8"):
-                w = _words(json.loads(line)["story"])
-                words.update(w)
-                pairs.update(zip(w, w[1:]))
-    return words, pairs
-
-
-def _words(text):
-    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
-
-
-_VOCAB = None
-_SENSORY = set("light dark shadow cold warm wet dry smell smelled scent salt smoke sound quiet "
-               "silence loud rain wind snow frost sun moon stone iron wood glass dust mud ash "
-               "bitter sweet rough smooth red blue green grey gray white black gold bright".split())
-_TELLING = re.compile(r"\b(?:felt|feel|feels|feeling) (?:very |so )?(?:sad|happy|angry|afraid|scared|lonely)\b|"
-                      r"\b(?:was|were|is) (?:very |so )?(?:sad|happy|angry|afraid|scared|lonely)\b")
-_CLICHES = ["dark and stormy", "little did", "heart of gold", "time stood still", "in the nick of time",
-            "all hope was lost", "calm before the storm", "only time would tell", "a chill ran down",
-            "happily ever after", "suddenly", "it was all a dream", "tears streamed"]
-_META = re.compile(r"\b(?:this story|the story above|the prompt|as an ai|language model|the judge|"
-                   r"the rubric|dear reader|word count|score this|rate this|ignore (?:the|all|previous)|"
-                   r"the end\b|title:|note:|(?:prompt adherence|coherence|originality|repetition)\s*:\s*\d)", re.I)
-
-
-def _clip(x):
-    return round(min(10.0, max(0.0, x)), 1)
-
-
-def heuristic_scores(premise, story):
-    """Text statistics mapped onto the 16 dimensions. Deterministic, crude, and cheap."""
-    global _VOCAB
-    if _VOCAB is None:
-        _VOCAB = _load_vocab()
-    vocab, known_pairs = _VOCAB
-    w = _words(story)
-    if len(w) < 2:
-        return {n: (None if n == "Weak Dialogue" else (0.0 if n in rubric.POSITIVE else 10.0)) for n in rubric.NAMES}
-    n = len(w)
-    real = sum(t in vocab for t in w) / n  # share of words the project's stories use
-    fluent = sum(p in known_pairs for p in zip(w, w[1:])) / (n - 1)  # share of attested word pairs
-    grams = list(zip(w, w[1:], w[2:], w[3:]))
-    rep = 1.0 - len(set(grams)) / max(1, len(grams))  # share of repeated 4-grams
-    window = min(50, n)
-    mattr = sum(len(set(w[i:i + window])) for i in range(0, n - window + 1, 10)) / \
-        (len(range(0, n - window + 1, 10)) * window)  # moving-average type/token ratio
-    toks = story.split()
-    ends = [i for i, t in enumerate(toks[:-1]) if t.rstrip("\"'”’)").endswith((".", "!", "?"))]
-    caps = sum(toks[i + 1].lstrip("\"'“‘(")[:1].isupper() for i in ends) / max(1, len(ends))
-    sent_lens = [len(s.split()) for s in re.split(r"[.!?]+", story) if s.strip()]
-    shape = sum(4 <= k <= 35 for k in sent_lens) / max(1, len(sent_lens))  # plausible sentences
-    paras = [p for p in re.split(r"\n\s*\n", story) if p.strip()]
-    dialogue = len(re.findall(r"[\"“]", story))
-    meta = len(_META.findall(story))
-    content = [t for t in _words(premise) if len(t) > 4]
-    adherence = sum(any(v.startswith(t[:5]) for v in set(w)) for t in content) / max(1, len(content))
-    sensory = sum(t in _SENSORY for t in w) / n * 100  # per 100 words
-    low = story.lower()
-    cliche = sum(low.count(c) for c in _CLICHES)
-    adverbs = sum(t.endswith("ly") and len(t) > 5 for t in w) / n
-    long_words = sum(len(t) >= 11 for t in w) / n
-    q = real * (0.5 + 0.5 * fluent) * (1 - rep)  # base quality: real, ordered, unrepeated
-    form = 0.5 * caps + 0.5 * shape  # sentence form
-    s = {
-        "Prompt Adherence": 10 * q * (0.4 + 0.6 * adherence),
-        "Coherence": 10 * q * (0.5 + 0.5 * form),
-        "Structure and Pacing": 10 * q * min(1.0, len(paras) / 4) * (0.5 + 0.5 * form),
-        "Characterisation": 10 * q * (0.6 + 0.4 * min(1.0, dialogue / 6)),
-        "Prose and Voice": 10 * q * form,
-        "Imagery and Setting": 10 * q * min(1.0, 0.3 + sensory / 3),
-        "Originality": 10 * q * min(1.0, mattr / 0.8),
-        "Emotional Engagement": 10 * q * (0.5 + 0.5 * form) * min(1.0, 0.5 + n / 400),
-        "Repetition": 10 * min(1.0, 3 * rep + 0.1),
-        "Padding": 10 * min(1.0, max(0.0, 0.8 - mattr) * 2 + (1 - real)),
-        "Purple Prose": 10 * min(1.0, 5 * adverbs + 5 * long_words),
-        "Telling Not Showing": 2 + 2 * len(_TELLING.findall(low)),
-        "Cliche": 1 + 2 * cliche,
-        "Weak Dialogue": None if dialogue == 0 else 10 * (1 - q),
-        "Unearned Resolution": 10 * (1 - q) * 0.8 + 1,
-        "Meta Text": 3 * meta + 10 * (1 - form) * 0.3,
-    }
-    return {k: (None if v is None else _clip(v)) for k, v in s.items()}
-
-
-_STORY = re.compile(r"<<<STORY( [AB]|) (\w+)>>>\n(.*?)\n<<<END STORY\1 \2>>>", re.S)
-
-
-def local_reply(text):
-    """The local judge's answer to one user message, in the format a real judge is asked for."""
-    premise = (re.search(r"asked: (.*)", text) or re.search(r"(.*)", text)).group(1)
-    stories = {label.strip() or "S": body for label, _, body in _STORY.findall(text)}
-    if "A" in stories and "B" in stories:
-        a, b = (heuristic_scores(premise, stories[k]) for k in "AB")
-        pick = {n: "A" if a[n] >= b[n] else "B" for n in rubric.POSITIVE}
-        pick["Overall"] = "A" if rubric.story_quality(a) >= rubric.story_quality(b) else "B"
-        return "Analysis: compared by text statistics (polaris local judge).\n\n" + \
-            "\n".join(f"{n}: {pick[n]}" for n in rubric.PAIR_CRITERIA)
-    # a plain chat request without markers is scored as if the whole message were the story
-    s = heuristic_scores(premise, stories.get("S", text))
-    fmt = lambda v: "N/A" if v is None else f"{v:g}"
-    return "Analysis: scored by text statistics (polaris local judge).\n\n" + \
-        "\n".join(f"{n}: {fmt(s[n])}" for n in rubric.NAMES)
-
-
-class _LocalHandler(BaseHTTPRequestHandler):
-    def do_POST(self):
-        if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
-            return self._send(404, {"error": {"message": f"no route {self.path}"}})
-        try:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-            text = body["messages"][-1]["content"]
-            assert isinstance(text, str)
-        except Exception:
-            return self._send(400, {"error": {"message": "expected a chat completion request"}})
-        reply = local_reply(text)
-        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
-        self._send(200, {
-            "id": "local-" + hashlib.sha1(text.encode()).hexdigest()[:12], "object": "chat.completion",
-            "created": int(time.time()), "model": body.get("model", "local"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(reply.split()),
-                      "total_tokens": prompt_tokens + len(reply.split())}})
-
-    def do_GET(self):
-        if self.path.rstrip("/") in ("/v1/models", "/models"):
-            return self._send(200, {"object": "list", "data": [{"id": "polaris-local", "object": "model"}]})
-        self._send(404, {"error": {"message": f"no route {self.path}"}})
-
-    def _send(self, code, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass  # quiet: one line per request would drown the training log
-
-
-def serve_local(port=0, host="127.0.0.1"):
-    """Start the local judge in a daemon thread; return (server, base_url). port=0: any free."""
-    server = ThreadingHTTPServer((host, port), _LocalHandler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://{host}:{server.server_address[1]}/v1"
-
-# -----------------------------------------------------------------------------
 # command line
 
 
@@ -430,6 +269,7 @@ if __name__ == "__main__":
     )
     configure(c, sys.argv[2:])
     if command == "serve":
+        from local_judge import serve_local
         server, url = serve_local(c["port"])
         print(f"polaris local judge at {url}/chat/completions (a heuristic stand-in, not a quality judge)", flush=True)
         try:

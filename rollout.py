@@ -8,7 +8,6 @@ next-token predictions are trained. Masks are always built from lengths, never b
 token ids with pad or eos: the pad token may be the eos token.
 """
 import json
-import math
 
 import torch
 from transformers import LogitsProcessor

@@ -101,13 +101,13 @@ presence_penalty = 1.0
 judge_url = "https://generativelanguage.googleapis.com/v1beta/openai"
 judge_model = "gemini-3-flash-preview"
 judge_key_env = "GEMINI_API_KEY"
-judge_workers = 32
-judge_timeout = 300.0
-judge_retries = 6
-judge_reasks = 2
+judge_workers = 16  # threads per rank
+judge_timeout = 300.0  # seconds per request
+judge_retries = 6  # on 429, 5xx, timeouts, connection errors
+judge_reasks = 2  # when a reply does not parse
 judge_backoff_max = 60.0
-judge_extra = {"reasoning_effort": "low", "service_tier": "flex"}
-judge_price_in, judge_price_out = 0.25, 1.5  # dollars per million tokens (flex tier)
+judge_extra = {"reasoning_effort": "low"}  # passed through in the request body
+judge_price_in, judge_price_out = 0.50, 3.00  # dollars per million tokens
 length_weight = 25.0
 # -----------------------------------------------------------------------------
 config = configure(globals())
@@ -129,8 +129,9 @@ except ValueError as e:
     fail(str(e))
 if batch_groups % ddp_world_size:
     fail(f"batch_groups={batch_groups} does not divide over {ddp_world_size} ranks: each rank owns whole groups")
-if not 0 <= n_ref < group_size:
-    fail(f"n_ref={n_ref} must be at least 0 and less than group_size={group_size}")
+if n_ref not in (0, 1) or group_size < 2 + n_ref:
+    fail(f"n_ref={n_ref}, group_size={group_size}: n_ref is 0 or 1 (one human story per prompt), "
+         "with at least 2 sampled stories")
 for key, allowed in (("loss_norm", ("token", "seq", "constant")), ("scale_rewards", ("group", "none")),
                      ("dtype", ("float32", "bfloat16", "float16"))):
     if config[key] not in allowed:
@@ -177,12 +178,18 @@ def barrier():
 # model: the memory plan first, from the config alone, so a run that cannot fit stops early
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+load_from = ckpts[-1] if resume else init_from
+
 if init_from == "tiny":
     base, tok = rollout.build_tiny([train_data], tiny_vocab, tiny_hidden, tiny_layers, seed)
     n_params = sum(p.numel() for p in base.parameters())
 else:
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(init_from)).parameters())
+    try:
+        model_config = AutoConfig.from_pretrained(load_from)
+    except (OSError, ValueError) as e:
+        fail(f"init_from={init_from!r}: {e}")
+    with torch.device("meta"):  # count parameters without allocating them
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config).parameters())
 plan = rollout.memory_plan(n_params, ddp_world_size, ptdtype.itemsize)
 budget = device_memory_gb * 1e9 or (torch.cuda.get_device_properties(device).total_memory if "cuda" in device else 0)
 if master_process:
@@ -193,7 +200,6 @@ if budget and sum(plan.values()) > 0.9 * budget:
     fail(f"the memory plan ({sum(plan.values()) / 1e9:.1f} GB) does not fit in 90% of {budget / 1e9:.0f} GB per device: "
          "use more ranks or a smaller model")
 
-load_from = ckpts[-1] if resume else init_from
 if init_from == "tiny" and not resume:
     model = base
     if master_process:  # keep the tiny base model: evaluation compares against it
@@ -241,7 +247,8 @@ if resume:
             path = os.path.join(out_dir, name)
             if os.path.exists(path):
                 keep = [l for l in open(path) if json.loads(l)["step"] < start_step]
-                open(path, "w").writelines(keep)
+                open(path + ".tmp", "w").writelines(keep)
+                os.replace(path + ".tmp", path)
 
 
 def all_reduce_grads():
@@ -333,7 +340,7 @@ for step in range(start_step, max_steps):
         for s in samples:
             s.update(prompt_ids=prompt_ids, mask=[1] * len(s["completion_ids"]), is_ref=False)
             gen_tokens += len(s["completion_ids"])
-        for _ in range(n_ref):
+        if n_ref:
             if row["id"] not in ref_cache:
                 ref_cache[row["id"]] = rollout.reference_tokens(tok, row["prompt"], row["story"], enable_thinking,
                                                                 eos, ref_mask_think)
@@ -416,22 +423,31 @@ for step in range(start_step, max_steps):
         t_sync += time.time() - t3
     t_train = time.time() - t2 - t_sync
 
-    # --- metrics: local sums, one all_reduce, then the master logs
-    rolls = [s for s in seqs if not s["is_ref"]]
-    refs = [s for s in seqs if s["is_ref"]]
-    ok = lambda xs, key: [s["judged"][key] for s in xs if not math.isnan(s["judged"][key])]
-    sums = torch.tensor([
-        sum(ok(rolls, "reward")), len(ok(rolls, "reward")), sum(ok(refs, "reward")), len(ok(refs, "reward")),
-        sum(ok(rolls, "sq")), len(ok(rolls, "sq")), sum(s["judged"]["ratio"] for s in rolls), len(rolls),
-        sum(s["truncated"] for s in rolls), zero_std, ref_nll, ref_tok, loss_sum,
-        sum(s["judged"]["error"] is not None for s in seqs), sum(s["judged"]["tokens_in"] + s["judged"]["tokens_out"] for s in seqs),
-        sum(s["judged"]["cost"] for s in seqs), gen_tokens, train_tokens, t_gen, t_judge, t_train, t_sync,
-        sum(s["in_thinking"] for s in rolls)], dtype=torch.float64)
+    # --- metrics: (sum, count) pairs on each rank, one all_reduce, the master divides and logs
+    rolls, refs = [s for s in seqs if not s["is_ref"]], [s for s in seqs if s["is_ref"]]
+
+    def total(xs, f):  # NaN (a failed judgement) is left out of the count
+        v = [x for x in map(f, xs) if not math.isnan(x)]
+        return [sum(v), len(v)]
+    means = dict(reward=total(rolls, lambda s: s["judged"]["reward"]), ref_reward=total(refs, lambda s: s["judged"]["reward"]),
+                 sq=total(rolls, lambda s: s["judged"]["sq"]), length_ratio=total(rolls, lambda s: s["judged"]["ratio"]),
+                 truncated=total(rolls, lambda s: s["truncated"]), truncated_in_thinking=total(rolls, lambda s: s["in_thinking"]),
+                 ref_nll=[ref_nll, ref_tok])
+    sums = dict(zero_std_groups=zero_std, judge_failures=sum(s["judged"]["error"] is not None for s in seqs),
+                judge_tokens=sum(s["judged"]["tokens_in"] + s["judged"]["tokens_out"] for s in seqs),
+                judge_cost=sum(s["judged"]["cost"] for s in seqs), loss=loss_sum / num_iterations, gen_tokens=gen_tokens,
+                train_tokens=train_tokens, t_generate=t_gen, t_judge_wait=t_judge, t_train=t_train, t_sync=t_sync)
+    flat = torch.tensor([x for pair in means.values() for x in pair] + list(sums.values()), dtype=torch.float64)
     if ddp:
-        dist.all_reduce(sums)
-    (r_sum, r_n, ref_sum, ref_n, sq_sum, sq_n, ratio_sum, n_roll, n_trunc, n_zero, nll_sum, nll_tok, loss_tot, n_fail,
-     j_tok, j_cost, g_tok, tr_tok, tg, tj, tt, ts, n_think) = sums.tolist()
-    tg, tj, tt, ts = (x / ddp_world_size for x in (tg, tj, tt, ts))  # mean seconds per rank
+        dist.all_reduce(flat)
+    flat = flat.tolist()
+    m = {k: flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else math.nan for i, k in enumerate(means)}
+    m.update(zip(sums, flat[2 * len(means):]))
+    for k in ("t_generate", "t_judge_wait", "t_train", "t_sync"):
+        m[k] /= ddp_world_size  # mean seconds per rank
+    m.update(step=step, grad_norm=grad_norm, skipped=skipped, lr=lr,
+             gen_tok_per_s=m["gen_tokens"] / max(m["t_generate"] * ddp_world_size, 1e-9),
+             train_tok_per_s=m["train_tokens"] / max(m["t_train"] * ddp_world_size, 1e-9))
     records = [dict(step=step, group=gid, id=row["id"], is_ref=s["is_ref"], story=s["story"],
                     thinking_words=rubric.count_words(s["thinking"]), truncated=s["truncated"], adv=s["adv"],
                     **{k: s["judged"][k] for k in ("reward", "sq", "ratio", "scores", "error")})
@@ -441,18 +457,12 @@ for step in range(start_step, max_steps):
         dist.gather_object(records, gathered, dst=0)
         records = [r for part in (gathered or []) for r in part]
     if master_process:
-        mean = lambda s, n: s / n if n else float("nan")
-        m = dict(step=step, reward=mean(r_sum, r_n), ref_reward=mean(ref_sum, ref_n), sq=mean(sq_sum, sq_n),
-                 length_ratio=mean(ratio_sum, n_roll), truncated=mean(n_trunc, n_roll), truncated_in_thinking=mean(n_think, n_roll),
-                 zero_std_groups=int(n_zero), ref_nll=mean(nll_sum, nll_tok), loss=loss_tot / num_iterations,
-                 grad_norm=grad_norm, skipped=skipped, judge_failures=int(n_fail), judge_tokens=int(j_tok),
-                 judge_cost=j_cost, lr=lr, t_generate=tg, t_judge_wait=tj, t_train=tt, t_sync=ts,
-                 gen_tok_per_s=g_tok / max(tg * ddp_world_size, 1e-9), train_tok_per_s=tr_tok / max(tt * ddp_world_size, 1e-9))
         print(f"step {step + 1}/{max_steps} | reward {m['reward']:.1f} (ref {m['ref_reward']:.1f}) | sq {m['sq']:.1f} | "
-              f"len {m['length_ratio']:.2f} | trunc {m['truncated']:.2f} | zero-std {m['zero_std_groups']}/{batch_groups} | "
+              f"len {m['length_ratio']:.2f} | trunc {m['truncated']:.2f} | zero-std {m['zero_std_groups']:.0f}/{batch_groups} | "
               f"ref nll {m['ref_nll']:.2f} | loss {m['loss']:.4f} | gnorm {grad_norm:.2f}{' SKIPPED' if skipped else ''} | "
-              f"judge fail {m['judge_failures']} ${j_cost:.3f} {j_tok / 1e3:.1f}k tok | gen {tg:.1f}s {m['gen_tok_per_s']:.0f} tok/s | "
-              f"judge wait {tj:.1f}s | train {tt:.1f}s {m['train_tok_per_s']:.0f} tok/s | sync {ts:.1f}s", flush=True)
+              f"judge fail {m['judge_failures']:.0f} ${m['judge_cost']:.3f} {m['judge_tokens'] / 1e3:.1f}k tok | "
+              f"gen {m['t_generate']:.1f}s {m['gen_tok_per_s']:.0f} tok/s | judge wait {m['t_judge_wait']:.1f}s | "
+              f"train {m['t_train']:.1f}s {m['train_tok_per_s']:.0f} tok/s | sync {m['t_sync']:.1f}s", flush=True)
         with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(m) + "\n")
         with open(os.path.join(out_dir, "rollouts.jsonl"), "a") as f:

@@ -1,7 +1,6 @@
 """The judge client against real HTTP servers on 127.0.0.1: a fault-injecting one and the local judge."""
 import json
 import math
-import os
 import random
 import socket
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 import requests
 
 import judge
+import local_judge
 import rubric
 
 PROMPT = "Write a 300-word story about a ferry."
@@ -49,7 +49,7 @@ class FaultServer:
                         return self._send(action[1], echo.encode(), action[2])
                     if action[0] == "body":
                         return self._send(200, action[1])
-                    text = action[1] if action[1] is not None else judge.local_reply(body["messages"][-1]["content"])
+                    text = action[1] if action[1] is not None else local_judge.local_reply(body["messages"][-1]["content"])
                     out = {"choices": [{"message": {"role": "assistant", "content": text}}],
                            "usage": {"prompt_tokens": 1000, "completion_tokens": 200}}
                     self._send(200, json.dumps(out).encode())

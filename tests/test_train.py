@@ -68,6 +68,17 @@ def test_invalid_data_names_file_and_line(tmp_path):
     assert p.returncode != 0 and f"{bad}:2: missing field 'story'" in p.stderr, p.stderr[-2000:]
 
 
+def test_memory_plan_refuses_a_9b_run_that_cannot_fit(tmp_path):
+    from transformers import Qwen3_5TextConfig
+    Qwen3_5TextConfig().save_pretrained(tmp_path / "qwen3_5_9b")  # the 9B architecture, config only
+    p = subprocess.run([sys.executable, "train.py", "config/polaris.py", "--train_data=data/sample/train.jsonl",
+                        f"--init_from={tmp_path}/qwen3_5_9b", "--device_memory_gb=80.0", f"--out_dir={tmp_path}/run"],
+                       capture_output=True, text=True, env=dict(ENV, GEMINI_API_KEY="unused"), timeout=120)
+    # one rank holds the whole AdamW state: 17.9 + 17.9 + 107.4 GB
+    assert "8,953.8M params" in p.stdout and "= 143.26 GB of 80 GB" in p.stdout, p.stdout[-2000:]
+    assert p.returncode != 0 and "does not fit in 90% of 80 GB" in p.stderr, p.stderr[-2000:]
+
+
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     # Adam's first step is about lr * sign(g): at lr 1e-4 a 1e-6 tolerance is 1% of the step,
     # and the logged loss and gradient norm (before clipping) check the gradient's scale too

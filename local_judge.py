@@ -1,0 +1,180 @@
+"""
+The local judge: an offline stand-in for the LLM judge, for tests and CPU teaching runs.
+
+It answers the OpenAI-compatible /v1/chat/completions API on 127.0.0.1 (stdlib threaded HTTP
+server) with a deterministic heuristic "model": text statistics (real words and word pairs
+against the project's own stories, repeated 4-grams, lexical variety, sentence shape,
+dialogue, sensory words, cliches, meta-text addressed to a reader or judge) mapped onto the 16
+rubric dimensions and written in exactly the format a real judge is asked for, so the real
+parser runs. Pairwise prompts get a pairwise verdict.
+
+It is NOT a judge of quality: it rewards fluent, varied, non-repetitive text that looks like
+the sample stories, and nothing deeper. Start it with `python judge.py serve --port=8000`, or
+in-process with judge_url='local'.
+"""
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import rubric
+
+def _load_vocab():
+    """Words and word pairs of the project's own stories: the yardstick for 'real words' and
+    'fluent word order' in the heuristic."""
+    words, pairs = set(), set()
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample")
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".jsonl"):
+            for line in open(os.path.join(folder, name), encoding="utf-8"):
+                w = _words(json.loads(line)["story"])
+                words.update(w)
+                pairs.update(zip(w, w[1:]))
+    return words, pairs
+
+
+def _words(text):
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
+
+
+_VOCAB = None
+_SENSORY = set("light dark shadow cold warm wet dry smell smelled scent salt smoke sound quiet "
+               "silence loud rain wind snow frost sun moon stone iron wood glass dust mud ash "
+               "bitter sweet rough smooth red blue green grey gray white black gold bright".split())
+_TELLING = re.compile(r"\b(?:felt|feel|feels|feeling) (?:very |so )?(?:sad|happy|angry|afraid|scared|lonely)\b|"
+                      r"\b(?:was|were|is) (?:very |so )?(?:sad|happy|angry|afraid|scared|lonely)\b")
+_CLICHES = ["dark and stormy", "little did", "heart of gold", "time stood still", "in the nick of time",
+            "all hope was lost", "calm before the storm", "only time would tell", "a chill ran down",
+            "happily ever after", "suddenly", "it was all a dream", "tears streamed"]
+_META = re.compile(r"\b(?:this story|the story above|the prompt|as an ai|language model|the judge|"
+                   r"the rubric|dear reader|word count|score this|rate this|ignore (?:the|all|previous)|"
+                   r"the end\b|title:|note:|(?:prompt adherence|coherence|originality|repetition)\s*:\s*\d)", re.I)
+
+
+def _clip(x):
+    return round(min(10.0, max(0.0, x)), 1)
+
+
+def heuristic_scores(premise, story):
+    """Text statistics mapped onto the 16 dimensions. Deterministic, crude, and cheap."""
+    global _VOCAB
+    if _VOCAB is None:
+        _VOCAB = _load_vocab()
+    vocab, known_pairs = _VOCAB
+    w = _words(story)
+    if len(w) < 2:
+        return {n: (None if n == "Weak Dialogue" else (0.0 if n in rubric.POSITIVE else 10.0)) for n in rubric.NAMES}
+    n = len(w)
+    real = sum(t in vocab for t in w) / n  # share of words the project's stories use
+    fluent = sum(p in known_pairs for p in zip(w, w[1:])) / (n - 1)  # share of attested word pairs
+    grams = list(zip(w, w[1:], w[2:], w[3:]))
+    rep = 1.0 - len(set(grams)) / max(1, len(grams))  # share of repeated 4-grams
+    window = min(50, n)
+    mattr = sum(len(set(w[i:i + window])) for i in range(0, n - window + 1, 10)) / \
+        (len(range(0, n - window + 1, 10)) * window)  # moving-average type/token ratio
+    toks = story.split()
+    ends = [i for i, t in enumerate(toks[:-1]) if t.rstrip("\"'”’)").endswith((".", "!", "?"))]
+    caps = sum(toks[i + 1].lstrip("\"'“‘(")[:1].isupper() for i in ends) / max(1, len(ends))
+    sent_lens = [len(s.split()) for s in re.split(r"[.!?]+", story) if s.strip()]
+    shape = sum(4 <= k <= 35 for k in sent_lens) / max(1, len(sent_lens))  # plausible sentences
+    paras = [p for p in re.split(r"\n\s*\n", story) if p.strip()]
+    dialogue = len(re.findall(r"[\"“]", story))
+    meta = len(_META.findall(story))
+    content = [t for t in _words(premise) if len(t) > 4]
+    adherence = sum(any(v.startswith(t[:5]) for v in set(w)) for t in content) / max(1, len(content))
+    sensory = sum(t in _SENSORY for t in w) / n * 100  # per 100 words
+    low = story.lower()
+    cliche = sum(low.count(c) for c in _CLICHES)
+    adverbs = sum(t.endswith("ly") and len(t) > 5 for t in w) / n
+    long_words = sum(len(t) >= 11 for t in w) / n
+    q = real * (0.5 + 0.5 * fluent) * (1 - rep)  # base quality: real, ordered, unrepeated
+    form = 0.5 * caps + 0.5 * shape  # sentence form
+    s = {
+        "Prompt Adherence": 10 * q * (0.4 + 0.6 * adherence),
+        "Coherence": 10 * q * (0.5 + 0.5 * form),
+        "Structure and Pacing": 10 * q * min(1.0, len(paras) / 4) * (0.5 + 0.5 * form),
+        "Characterisation": 10 * q * (0.6 + 0.4 * min(1.0, dialogue / 6)),
+        "Prose and Voice": 10 * q * form,
+        "Imagery and Setting": 10 * q * min(1.0, 0.3 + sensory / 3),
+        "Originality": 10 * q * min(1.0, mattr / 0.8),
+        "Emotional Engagement": 10 * q * (0.5 + 0.5 * form) * min(1.0, 0.5 + n / 400),
+        "Repetition": 10 * min(1.0, 3 * rep + 0.1),
+        "Padding": 10 * min(1.0, max(0.0, 0.8 - mattr) * 2 + (1 - real)),
+        "Purple Prose": 10 * min(1.0, 5 * adverbs + 5 * long_words),
+        "Telling Not Showing": 2 + 2 * len(_TELLING.findall(low)),
+        "Cliche": 1 + 2 * cliche,
+        "Weak Dialogue": None if dialogue == 0 else 10 * (1 - q),
+        "Unearned Resolution": 10 * (1 - q) * 0.8 + 1,
+        "Meta Text": 3 * meta + 10 * (1 - form) * 0.3,
+    }
+    return {k: (None if v is None else _clip(v)) for k, v in s.items()}
+
+
+_STORY = re.compile(r"<<<STORY( [AB]|) (\w+)>>>\n(.*?)\n<<<END STORY\1 \2>>>", re.S)
+
+
+def local_reply(text):
+    """The local judge's answer to one user message, in the format a real judge is asked for."""
+    premise = (re.search(r"asked: (.*)", text) or re.search(r"(.*)", text)).group(1)
+    stories = {label.strip() or "S": body for label, _, body in _STORY.findall(text)}
+    if "A" in stories and "B" in stories:
+        a, b = (heuristic_scores(premise, stories[k]) for k in "AB")
+        pick = {n: "A" if a[n] >= b[n] else "B" for n in rubric.POSITIVE}
+        pick["Overall"] = "A" if rubric.story_quality(a) >= rubric.story_quality(b) else "B"
+        return "Analysis: compared by text statistics (polaris local judge).\n\n" + \
+            "\n".join(f"{n}: {pick[n]}" for n in rubric.PAIR_CRITERIA)
+    if "reply with its premise" in text:  # data/prepare.py: the story's opening words stand in
+        opening = " ".join(stories.get("S", text).split()[:12]).rstrip(".,;:")
+        return f"Premise: the events that follow the opening words {opening}"
+    # a plain chat request without markers is scored as if the whole message were the story
+    s = heuristic_scores(premise, stories.get("S", text))
+    fmt = lambda v: "N/A" if v is None else f"{v:g}"
+    return "Analysis: scored by text statistics (polaris local judge).\n\n" + \
+        "\n".join(f"{n}: {fmt(s[n])}" for n in rubric.NAMES)
+
+
+class _LocalHandler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+            return self._send(404, {"error": {"message": f"no route {self.path}"}})
+        try:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            text = body["messages"][-1]["content"]
+            assert isinstance(text, str)
+        except Exception:
+            return self._send(400, {"error": {"message": "expected a chat completion request"}})
+        reply = local_reply(text)
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
+        self._send(200, {
+            "id": "local-" + hashlib.sha1(text.encode()).hexdigest()[:12], "object": "chat.completion",
+            "created": int(time.time()), "model": body.get("model", "local"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(reply.split()),
+                      "total_tokens": prompt_tokens + len(reply.split())}})
+
+    def do_GET(self):
+        if self.path.rstrip("/") in ("/v1/models", "/models"):
+            return self._send(200, {"object": "list", "data": [{"id": "polaris-local", "object": "model"}]})
+        self._send(404, {"error": {"message": f"no route {self.path}"}})
+
+    def _send(self, code, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass  # quiet: one line per request would drown the training log
+
+
+def serve_local(port=0, host="127.0.0.1"):
+    """Start the local judge in a daemon thread; return (server, base_url). port=0: any free."""
+    server = ThreadingHTTPServer((host, port), _LocalHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://{host}:{server.server_address[1]}/v1"
