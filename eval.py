@@ -1,0 +1,460 @@
+"""
+Evaluation: the paper's three tables for your checkpoints and for API models.
+
+    # 1. stories for the 60 held-out prompts, from a checkpoint or any OpenAI-compatible endpoint
+    python eval.py --task=generate --model=out/tiny/ckpt_000060 --out=out/eval/tiny.jsonl
+    python eval.py --task=generate --model=gpt-5.4 --api_url=https://api.openai.com/v1 \\
+        --api_key_env=OPENAI_API_KEY --out=out/eval/gpt.jsonl
+    # 2. Story Quality and length ratio by requested length (judge: config/eval.py, GPT-5.4)
+    python eval.py config/eval.py --task=score --gens=out/eval/tiny.jsonl,out/eval/base.jsonl
+    # 3. dual-position pairwise judging, win rates, Bradley-Terry Elo, and the report
+    python eval.py config/eval.py --task=pairwise --gens=out/eval/tiny.jsonl,out/eval/base.jsonl
+    python eval.py --task=elo --pairs=out/eval/pairs.jsonl --anchor=base:1000 --out=out/eval/ratings.json
+    python eval.py --task=report --gens=out/eval/tiny.jsonl,out/eval/base.jsonl --pairs=out/eval/pairs.jsonl
+
+Every output is JSONL written a row at a time and resumable: rows already there are skipped,
+and an interrupted run's half-written last line is dropped, never the rest of the file.
+
+The statistics are plain functions above the `__main__` guard so that tests can import them;
+the guard is the one difference from train.py's top-to-bottom style.
+"""
+import json
+import math
+import os
+import sys
+from itertools import combinations
+
+import numpy as np
+
+import rubric
+
+# -----------------------------------------------------------------------------
+# requested-length buckets, bootstrap, dual position, Bradley-Terry
+
+BUCKETS = [("ID 1-4k", 4000), ("near OOD 4-8k", 8000), ("far OOD 8-12k", math.inf)]
+
+
+def bucket(target_words):
+    """4,000 words is still in distribution, 4,001 is near OOD, 8,001 far OOD."""
+    return next(name for name, top in BUCKETS if target_words <= top)
+
+
+def bootstrap_ci(groups, stat, n_boot=1000, seed=0):
+    """95% percentile interval of stat(list of groups) when the groups (one per prompt) are
+    resampled with replacement: prompts, not single judgements, are the unit of sampling."""
+    rng = np.random.default_rng(seed)
+    stats = [stat([groups[i] for i in rng.integers(0, len(groups), len(groups))]) for _ in range(n_boot)]
+    stats = [s for s in stats if not math.isnan(s)]
+    return (float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))) if stats else (math.nan, math.nan)
+
+
+def dual_verdict(first, second):
+    """Overall verdicts of one pair judged twice: `first` with model a shown as A, `second`
+    with model b shown as A. Agreement is a win, disagreement a tie; a failed judgement
+    (None) makes the comparison missing, never a tie or a loss."""
+    if first is None or second is None:
+        return None
+    return {("A", "B"): "a", ("B", "A"): "b"}.get((first, second), "tie")
+
+
+def win_rate(outcomes):
+    """(W + 0.5 T) / N from a list of 'a' / 'b' / 'tie' seen from model a."""
+    return sum(1.0 if o == "a" else 0.5 if o == "tie" else 0.0 for o in outcomes) / len(outcomes) if outcomes else math.nan
+
+
+def components(models, battles):
+    """Connected parts of the comparison graph: ratings across parts mean nothing."""
+    parent = {m: m for m in models}
+
+    def find(m):
+        while parent[m] != m:
+            m = parent[m]
+        return m
+    for a, b, _ in battles:
+        parent[find(a)] = find(b)
+    parts = {}
+    for m in models:
+        parts.setdefault(find(m), []).append(m)
+    return sorted(sorted(p) for p in parts.values())
+
+
+def bradley_terry(battles, models, anchor=None, ridge=1e-6):
+    """Maximum-likelihood ratings on the Elo scale, P(i beats j) = 1 / (1 + 10^((R_j - R_i)/400)).
+    battles: [(model_a, model_b, score of a: 1, 0.5 for a tie, or 0)]. Newton's method on the
+    log-likelihood; the tiny ridge only pins the free additive constant. The ratings are then
+    shifted so that anchor = (name, rating) holds, or so that their mean is 1000."""
+    idx = {m: i for i, m in enumerate(models)}
+    M = len(models)
+    W, N = np.zeros((M, M)), np.zeros((M, M))  # W[i, j]: points of i against j; N: games
+    for a, b, s in battles:
+        i, j = idx[a], idx[b]
+        W[i, j] += s
+        W[j, i] += 1 - s
+        N[i, j] += 1
+        N[j, i] += 1
+    theta = np.zeros(M)  # natural-log strengths
+    for _ in range(100):
+        p = 1 / (1 + np.exp(theta[None, :] - theta[:, None]))  # p[i, j] = P(i beats j)
+        grad = (W - N * p).sum(1) - ridge * theta
+        H = N * p * (1 - p)
+        hess = H - np.diag(H.sum(1)) - ridge * np.eye(M)
+        step = np.linalg.solve(hess, grad)
+        theta -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    R = theta * 400 / math.log(10)
+    shift = anchor[1] - R[idx[anchor[0]]] if anchor else 1000 - R.mean()
+    return {m: float(R[idx[m]] + shift) for m in models}
+
+# -----------------------------------------------------------------------------
+# files
+
+
+def read_jsonl(path):
+    """Complete rows of a JSONL file; an interrupted writer's half line at the end is dropped
+    (and removed from the file, so appending continues cleanly). Missing file: []."""
+    if not os.path.exists(path):
+        return []
+    lines = open(path, encoding="utf-8").read().split("\n")
+    rows = []
+    for k, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k < len(lines) - 1:
+                raise ValueError(f"{path}:{k + 1}: invalid JSON")
+            print(f"{path}: dropping a half-written last line from an interrupted run")
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            os.replace(path + ".tmp", path)
+    return rows
+
+
+def append_jsonl(path, row):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def scores_path(gens):
+    return gens[: -len(".jsonl")] + ".scores.jsonl" if gens.endswith(".jsonl") else gens + ".scores.jsonl"
+
+
+def shared_ids(files, allow_intersection):
+    """The prompt ids every generation file covers; any gap is an error naming the missing ids
+    unless allow_intersection, which compares on the intersection and says how many."""
+    ids = {f: {r["id"] for r in read_jsonl(f)} for f in files}
+    common = set.intersection(*ids.values())
+    union = set.union(*ids.values())
+    if common != union:
+        gaps = {f: sorted(union - s) for f, s in ids.items() if union - s}
+        if not allow_intersection:
+            raise ValueError("generation files do not cover the same prompt ids: " + "; ".join(
+                f"{f} lacks {', '.join(g[:10])}{' ...' if len(g) > 10 else ''}" for f, g in gaps.items())
+                + " (--allow_intersection=True compares on the ids all files share)")
+        print(f"comparing on the {len(common)} prompt ids shared by all files ({len(union) - len(common)} left out)")
+    return sorted(common)
+
+# -----------------------------------------------------------------------------
+# tables
+
+
+def quality_table(gens_files, n_boot=1000):
+    """Per model: mean SQ per requested-length bucket and the length ratio at far OOD, each
+    with a 95% bootstrap CI over prompts, and the count of judge failures (left out)."""
+    rows = []
+    for f in gens_files:
+        scored = read_jsonl(scores_path(f))
+        if not scored:
+            raise ValueError(f"{scores_path(f)}: no scores; run --task=score first")
+        name = scored[0].get("model") or os.path.basename(f)
+        out = dict(model=name, failures=sum(r.get("error") is not None for r in scored))
+        for b, _ in BUCKETS:
+            v = [r["sq"] for r in scored if bucket(r["target_words"]) == b and r.get("error") is None]
+            out[b] = (float(np.mean(v)) if v else math.nan, bootstrap_ci(v, np.mean, n_boot), len(v))
+        far = [r["ratio"] for r in scored if bucket(r["target_words"]) == BUCKETS[-1][0]]
+        out["ratio"] = (float(np.mean(far)) if far else math.nan, bootstrap_ci(far, np.mean, n_boot), len(far))
+        rows.append(out)
+    return rows
+
+
+def format_quality(rows):
+    fmt = lambda m, ci, n: f"{m:.1f} [{ci[0]:.1f}, {ci[1]:.1f}] (n={n})" if n else "-"
+    head = "| model | " + " | ".join(f"SQ {b}" for b, _ in BUCKETS) + " | length ratio 8-12k | judge failures |"
+    lines = [head, "|" + " --- |" * (len(BUCKETS) + 3)]
+    for r in rows:
+        ratio = r["ratio"]
+        lines.append(f"| {r['model']} | " + " | ".join(fmt(*r[b]) for b, _ in BUCKETS) +
+                     (f" | {ratio[0]:.2f} [{ratio[1][0]:.2f}, {ratio[1][1]:.2f}]" if ratio[2] else " | -") +
+                     f" | {r['failures']} |")
+    return "\n".join(lines)
+
+
+def battles_by_prompt(pairs):
+    """{prompt id: [(model_a, model_b, score of a)]}, missing judgements left out."""
+    out = {}
+    for r in pairs:
+        if r["winner"] is not None:
+            out.setdefault(r["id"], []).append((r["model_a"], r["model_b"], {"a": 1.0, "b": 0.0, "tie": 0.5}[r["winner"]]))
+    return out
+
+
+def elo_table(pairs, anchor=None, n_boot=200, seed=0):
+    by_prompt = battles_by_prompt(pairs)
+    battles = [b for bs in by_prompt.values() for b in bs]
+    if not battles:
+        raise ValueError("no judged pairs to rate")
+    models = sorted({m for a, b, _ in battles for m in (a, b)})
+    parts = components(models, battles)
+    if len(parts) > 1:
+        raise ValueError("the comparison graph is not connected; ratings across these parts mean nothing: "
+                         + " | ".join(", ".join(p) for p in parts))
+    if anchor and anchor[0] not in models:
+        raise ValueError(f"--anchor: no model named {anchor[0]!r} among {', '.join(models)}")
+    ratings = bradley_terry(battles, models, anchor)
+    groups = list(by_prompt.values())
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(n_boot):  # resample prompts, refit
+        sample = [b for i in rng.integers(0, len(groups), len(groups)) for b in groups[i]]
+        present = sorted({m for a, b, _ in sample for m in (a, b)})
+        if present == models and len(components(models, sample)) == 1 and (not anchor or anchor[0] in present):
+            boot.append(bradley_terry(sample, models, anchor))
+    n = {m: sum(m in (a, b) for a, b, _ in battles) for m in models}
+    return {m: dict(rating=ratings[m], ci=[float(np.percentile([r[m] for r in boot], q)) for q in (2.5, 97.5)],
+                    n=n[m]) for m in sorted(models, key=lambda m: -ratings[m])}
+
+
+def format_elo(table):
+    lines = ["| rank | model | Elo | 95% CI | comparisons |", "| --- | --- | --- | --- | --- |"]
+    for k, (m, r) in enumerate(table.items(), 1):
+        lines.append(f"| {k} | {m} | {r['rating']:.0f} | [{r['ci'][0]:.0f}, {r['ci'][1]:.0f}] | {r['n']} |")
+    return "\n".join(lines)
+
+
+def win_table(pairs, n_boot=1000):
+    """Win rate of model_a over model_b for every pair of models, 95% CI over prompts."""
+    rows = []
+    for a, b in sorted({(r["model_a"], r["model_b"]) for r in pairs}):
+        per = {}
+        for r in pairs:
+            if (r["model_a"], r["model_b"]) == (a, b) and r["winner"] is not None:
+                per.setdefault(r["id"], []).append(r["winner"])
+        groups = list(per.values())
+        flat = lambda gs: win_rate([o for g in gs for o in g])
+        missing = sum((r["model_a"], r["model_b"]) == (a, b) and r["winner"] is None for r in pairs)
+        outcomes = [o for g in groups for o in g]
+        rows.append(dict(a=a, b=b, rate=flat(groups), ci=bootstrap_ci(groups, flat, n_boot), wins=outcomes.count("a"),
+                         ties=outcomes.count("tie"), losses=outcomes.count("b"), missing=missing))
+    return rows
+
+
+def format_wins(rows):
+    lines = ["| model A | vs model B | win rate of A | 95% CI | W / T / L | missing |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['a']} | {r['b']} | {r['rate']:.3f} | [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | "
+                     f"{r['wins']} / {r['ties']} / {r['losses']} | {r['missing']} |")
+    return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+
+
+if __name__ == "__main__":
+    from configurator import configure
+    import judge as judge_lib
+    # task
+    task = "generate"  # generate | score | pairwise | elo | report
+    prompts = "data/eval/prompts.jsonl"
+    out = ""  # generate: the generations file; elo: ratings.json; report: the markdown file
+    gens = ""  # comma-separated generation files (score, pairwise, report)
+    pairs = "out/eval/pairs.jsonl"  # pairwise writes it; elo and report read it (comma-separated for several)
+    limit = 0  # generate: only the first N prompts (0: all)
+    allow_intersection = False  # pairwise: compare on the prompt ids all files share
+    max_chars = 0  # pairwise: cut each story to this many characters (0: whole), against length bias
+    anchor = ""  # elo: 'NAME:RATING'
+    n_boot = 1000
+    # generation: the model card's settings
+    model = ""  # a checkpoint folder or hub id, or the model name at api_url
+    name = ""  # the model's name in the tables (default: the folder's or model's name)
+    api_url = ""  # '' generates locally with transformers; else an OpenAI-compatible base URL
+    api_key_env = ""
+    enable_thinking = True
+    max_new_tokens = 14336  # the card, for 8-12k-word targets
+    temperature = 0.6
+    top_p = 0.95
+    top_k = 20
+    repetition_penalty = 1.0
+    presence_penalty = 0.0
+    dtype = "bfloat16"
+    seed = 1337
+    # judge (config/eval.py: GPT-5.4)
+    judge_url = "local"
+    judge_model = "polaris-local"
+    judge_key_env = ""
+    judge_workers = 16
+    judge_timeout = 300.0
+    judge_retries = 6
+    judge_reasks = 2
+    judge_backoff_max = 60.0
+    judge_extra = {}
+    judge_price_in = 0.0
+    judge_price_out = 0.0
+    judge_cache = "out/judge_cache"
+    length_weight = 25.0
+    c = configure(globals())
+
+    def fail(msg):
+        sys.exit(f"error: {msg}")
+
+    gen_files = [g for g in gens.split(",") if g]
+    try:
+        if anchor and not anchor.rsplit(":", 1)[-1].replace(".", "", 1).lstrip("-").isdigit():
+            fail(f"--anchor={anchor!r} must look like NAME:RATING")
+        name_rating = (anchor.rsplit(":", 1)[0], float(anchor.rsplit(":", 1)[1])) if anchor else None
+        if task == "generate":
+            if not model or not out:
+                fail("--task=generate needs --model and --out")
+            rows = read_jsonl(prompts)
+            for k, r in enumerate(rows, 1):
+                t = r.get("target_words")
+                if not r.get("id") or not r.get("prompt") or isinstance(t, bool) or not isinstance(t, int) or t <= 0:
+                    fail(f"{prompts}: row {k} needs id, prompt and a positive integer target_words")
+            rows = rows[:limit] if limit else rows
+            done = {r["id"] for r in read_jsonl(out)}
+            todo = [r for r in rows if r["id"] not in done]
+            label = name or os.path.basename(model.rstrip("/"))
+            print(f"{len(rows) - len(todo)} of {len(rows)} prompts already in {out}; generating {len(todo)} with {label}")
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            from tqdm import tqdm
+            import rollout
+            if api_url:  # an API model or a vLLM-served checkpoint, through the same HTTP client
+                client = judge_lib.Judge(api_url, model, key_env=api_key_env, workers=judge_workers,
+                                         timeout=judge_timeout, retries=judge_retries, cache_dir=judge_cache or None,
+                                         extra=dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p))
+                futures = [client.pool.submit(client.chat, [dict(role="user", content=r["prompt"])]) for r in todo]
+            else:
+                import torch
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+                rollout.check_sampling(repetition_penalty, presence_penalty)
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+                lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype) if device == "cuda" else torch.float32).to(device)
+                tok = AutoTokenizer.from_pretrained(model)
+                eos = rollout.eos_ids(lm, tok)
+            for k, r in enumerate(tqdm(todo, desc="generating")):
+                if api_url:
+                    try:
+                        reply = futures[k].result()
+                    except judge_lib.JudgeError as e:
+                        print(f"{r['id']}: {e}; left for a later run")
+                        continue
+                    thinking, story, _ = rollout.split_thinking(reply["content"], "</think>" in reply["content"], False)
+                    finish = reply["finish_reason"]
+                else:
+                    torch.manual_seed(seed + k)
+                    s = rollout.sample_group(lm, tok, rollout.render_prompt(tok, r["prompt"], enable_thinking), 1, eos,
+                                             max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+                                             presence_penalty, enable_thinking)[0]
+                    thinking, story, finish = s["thinking"], s["story"], "length" if s["truncated"] else "stop"
+                append_jsonl(out, dict(id=r["id"], prompt=r["prompt"], target_words=r["target_words"],
+                                       category=r.get("category", ""), model=label, story=story,
+                                       words=rubric.count_words(story), thinking_words=rubric.count_words(thinking),
+                                       finish_reason=finish))
+            if api_url:
+                client.close()
+
+        elif task == "score":
+            if not gen_files:
+                fail("--task=score needs --gens=FILE[,FILE...]")
+            judge = judge_lib.judge_from_config(c, cache_dir=judge_cache or None)
+            for f in gen_files:
+                rows = read_jsonl(f)
+                if not rows:
+                    fail(f"{f}: no generations")
+                done = {r["id"] for r in read_jsonl(scores_path(f))}
+                todo = [r for r in rows if r["id"] not in done]
+                print(f"{f}: scoring {len(todo)} of {len(rows)} ({len(done)} already in {scores_path(f)})")
+                results, used = judge.score(todo, progress=True)
+                for r, res in zip(todo, results):
+                    append_jsonl(scores_path(f), dict({k: r[k] for k in ("id", "target_words", "model")}, **res))
+                print(f"  judge: {used['failures']} failures, {used['tokens_in'] + used['tokens_out']} tokens, ${used['cost']:.4f}")
+            judge.close()
+            print(format_quality(quality_table(gen_files, n_boot)))
+
+        elif task == "pairwise":
+            if len(gen_files) < 2:
+                fail("--task=pairwise needs --gens with two or more files")
+            ids = shared_ids(gen_files, allow_intersection)
+            by_file = {f: {r["id"]: r for r in read_jsonl(f)} for f in gen_files}
+            label = {f: next(iter(by_file[f].values())).get("model") or os.path.basename(f) for f in gen_files}
+            judge = judge_lib.judge_from_config(c, cache_dir=judge_cache or None)
+            done = {(r["id"], r["model_a"], r["model_b"]) for r in read_jsonl(pairs)}
+            cut = lambda t: t[:max_chars] if max_chars else t
+            jobs = []
+            for fa, fb in combinations(gen_files, 2):
+                for i in ids:
+                    if (i, label[fa], label[fb]) in done:
+                        continue
+                    a, b = by_file[fa][i], by_file[fb][i]
+                    jobs.append((i, label[fa], label[fb], judge.submit_pair(a["prompt"], cut(a["story"]), cut(b["story"])),
+                                 judge.submit_pair(a["prompt"], cut(b["story"]), cut(a["story"]))))
+            os.makedirs(os.path.dirname(os.path.abspath(pairs)), exist_ok=True)
+            from tqdm import tqdm
+            for i, ma, mb, f1, f2 in tqdm(jobs, desc="pairwise"):
+                r1, r2 = f1.result(), f2.result()
+                overall = lambda r: r["verdict"]["Overall"] if r["verdict"] else None
+                append_jsonl(pairs, dict(id=i, model_a=ma, model_b=mb, winner=dual_verdict(overall(r1), overall(r2)),
+                                         first=r1["verdict"], second=r2["verdict"], error=r1["error"] or r2["error"]))
+            judge.close()
+            print(format_wins(win_table([r for p in pairs.split(",") for r in read_jsonl(p)], n_boot)))
+
+        elif task == "elo":
+            table = elo_table([r for p in pairs.split(",") for r in read_jsonl(p)], name_rating, min(n_boot, 200))
+            print(format_elo(table))
+            if out:
+                with open(out + ".tmp", "w") as f:
+                    json.dump(table, f, indent=1)
+                os.replace(out + ".tmp", out)
+
+        elif task == "report":
+            all_pairs = [r for p in pairs.split(",") for r in read_jsonl(p)]
+            report = out or "out/eval/report.md"
+            parts = ["# POLARIS evaluation", ""]
+            if gen_files:
+                q = quality_table(gen_files, n_boot)
+                parts += ["## Story Quality by requested length (mean, 95% CI over prompts)", "", format_quality(q), ""]
+            if all_pairs:
+                parts += ["## Pairwise Elo (Bradley-Terry, dual position, 95% CI over prompts)", "",
+                          format_elo(elo_table(all_pairs, name_rating, min(n_boot, 200))), "",
+                          "## Win rates (dual position: agreement wins, disagreement ties)", "",
+                          format_wins(win_table(all_pairs, n_boot)), ""]
+            if gen_files:
+                try:
+                    import matplotlib
+                    matplotlib.use("Agg")
+                    import matplotlib.pyplot as plt
+                    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+                    for f in gen_files:
+                        scored = read_jsonl(scores_path(f))
+                        for ax, key in ((ax1, "sq"), (ax2, "ratio")):
+                            ys = [np.mean([r[key] for r in scored if bucket(r["target_words"]) == b and r.get("error") is None] or [np.nan])
+                                  for b, _ in BUCKETS]
+                            ax.plot([b for b, _ in BUCKETS], ys, marker="o", label=scored[0].get("model", f))
+                    ax1.set_ylabel("Story Quality")
+                    ax2.set_ylabel("length ratio (words / requested)")
+                    ax1.legend()
+                    png = report[: -len(".md")] + ".png" if report.endswith(".md") else report + ".png"
+                    fig.savefig(png, dpi=100, bbox_inches="tight")
+                    parts += [f"![Story Quality and length ratio by requested length]({os.path.basename(png)})", ""]
+                except ImportError:
+                    parts += ["(No plot: `pip install matplotlib` and run --task=report again for a PNG of Story "
+                              "Quality and length ratio against requested length.)", ""]
+            os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
+            with open(report, "w") as f:
+                f.write("\n".join(parts))
+            print("\n".join(parts))
+            print(f"wrote {report}")
+        else:
+            fail(f"--task={task!r} must be one of generate, score, pairwise, elo, report")
+    except (OSError, ValueError) as e:
+        fail(str(e))

@@ -1,0 +1,185 @@
+"""eval.py's statistics as functions, its tasks as subprocesses against the local judge, and data/prepare.py."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import eval as ev
+import rollout
+from local_judge import serve_local
+
+SUB = dict(capture_output=True, text=True, timeout=300)
+
+
+def test_bucket_edges():
+    assert ev.bucket(4000) == "ID 1-4k" and ev.bucket(4001) == "near OOD 4-8k", "4000 is ID, 4001 near OOD"
+    assert ev.bucket(8000) == "near OOD 4-8k" and ev.bucket(8001) == "far OOD 8-12k", "8001 is far OOD"
+    assert ev.bucket(1) == "ID 1-4k" and ev.bucket(12000) == "far OOD 8-12k"
+
+
+def test_dual_position():
+    assert ev.dual_verdict("A", "B") == "a", "a preferred in both positions: a wins"
+    assert ev.dual_verdict("B", "A") == "b", "b preferred in both positions: b wins"
+    assert ev.dual_verdict("A", "A") == "tie" and ev.dual_verdict("B", "B") == "tie", "position bias: a tie"
+    assert ev.dual_verdict(None, "A") is None, "a failed judgement is missing, not a tie"
+    assert ev.win_rate(["a", "a", "tie", "b"]) == pytest.approx(2.5 / 4), "(W + 0.5 T) / N"
+
+
+def simulate(true, n, rng, per_prompt=4):
+    models = list(true)
+    out = []
+    for k in range(n):
+        a, b = rng.choice(len(models), 2, replace=False)
+        p = 1 / (1 + 10 ** ((true[models[b]] - true[models[a]]) / 400))
+        out.append(dict(id=f"p{k // per_prompt}", model_a=models[a], model_b=models[b], winner="a" if rng.random() < p else "b"))
+    return out
+
+
+def test_bradley_terry_recovers_ratings():
+    true = {"m0": 1000.0, "m1": 1100.0, "m2": 1250.0, "m3": 1400.0}
+    pairs = simulate(true, 3000, np.random.default_rng(0))
+    battles = [b for bs in ev.battles_by_prompt(pairs).values() for b in bs]
+    fit = ev.bradley_terry(battles, sorted(true), anchor=("m0", 1000.0))
+    for m in true:
+        assert abs(fit[m] - true[m]) < 25, f"{m}: fitted {fit[m]:.0f}, true {true[m]:.0f}"
+    shifted = ev.bradley_terry(battles, sorted(true), anchor=("m0", 1500.0))
+    assert all(shifted[m] - fit[m] == pytest.approx(500) for m in true), "anchoring shifts every rating equally"
+
+
+def test_bradley_terry_two_player_closed_form():
+    battles = [("x", "y", 1.0)] * 70 + [("x", "y", 0.0)] * 25 + [("x", "y", 0.5)] * 10
+    fit = ev.bradley_terry(battles, ["x", "y"])
+    w = 70 + 5  # ties count half to each side
+    assert fit["x"] - fit["y"] == pytest.approx(400 * math.log10(w / (105 - w)), abs=0.01), "R_x - R_y = 400 log10(W/L)"
+    assert fit["x"] + fit["y"] == pytest.approx(2000), "no anchor: mean rating 1000"
+
+
+def test_bootstrap_interval_covers_the_true_win_rate():
+    rng = np.random.default_rng(1)
+    p, hits, trials = 0.6, 0, 200
+    for t in range(trials):
+        groups = [["a" if rng.random() < p else "b"] for _ in range(80)]
+        lo, hi = ev.bootstrap_ci(groups, lambda gs: ev.win_rate([o for g in gs for o in g]), n_boot=300, seed=t)
+        hits += lo <= p <= hi
+    assert 0.88 <= hits / trials <= 0.99, f"a 95% interval covered the truth in {hits}/{trials} trials"
+
+
+def test_disconnected_graph_and_missing_ids_are_errors(tmp_path):
+    pairs = [dict(id="1", model_a="a", model_b="b", winner="a"), dict(id="1", model_a="c", model_b="d", winner="tie")]
+    with pytest.raises(ValueError, match=r"not connected.*a, b \| c, d"):
+        ev.elo_table(pairs)
+    f1, f2 = tmp_path / "x.jsonl", tmp_path / "y.jsonl"
+    f1.write_text("".join(json.dumps(dict(id=i, story="s")) + "\n" for i in ("p1", "p2", "p3")))
+    f2.write_text("".join(json.dumps(dict(id=i, story="s")) + "\n" for i in ("p1", "p3")))
+    with pytest.raises(ValueError, match=f"{f2} lacks p2"):
+        ev.shared_ids([str(f1), str(f2)], False)
+    assert ev.shared_ids([str(f1), str(f2)], True) == ["p1", "p3"], "the explicit flag compares on the intersection"
+
+
+def test_half_written_file_is_resumed_not_truncated(tmp_path):
+    f = tmp_path / "g.jsonl"
+    f.write_text(json.dumps({"id": "a"}) + "\n" + json.dumps({"id": "b"}) + "\n" + '{"id": "c", "sto')
+    assert [r["id"] for r in ev.read_jsonl(str(f))] == ["a", "b"], "complete rows are kept"
+    ev.append_jsonl(str(f), {"id": "c"})
+    assert [json.loads(l)["id"] for l in f.read_text().splitlines()] == ["a", "b", "c"], "appending continues cleanly"
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """Two tiny checkpoints with different random weights, as a base and a 'trained' model."""
+    root = tmp_path_factory.mktemp("models")
+    for name, seed in (("base", 0), ("other", 1)):
+        model, tok = rollout.build_tiny(["data/sample/train.jsonl"], seed=seed)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root
+
+
+def run_eval(*args):
+    p = subprocess.run([sys.executable, "eval.py", *args], **SUB)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return p
+
+
+def test_generate_score_pairwise_elo_report(tiny_models, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [json.loads(l) for l in open("data/eval/prompts.jsonl")]
+    prompts.write_text("".join(json.dumps(rows[i]) + "\n" for i in (0, 1, 20, 21, 40, 41)))  # two per bucket
+    common = [f"--prompts={prompts}", "--max_new_tokens=24", "--enable_thinking=False", f"--judge_cache={tmp_path}/cache"]
+    gens = []
+    for name in ("base", "other"):
+        out = tmp_path / f"{name}.jsonl"
+        run_eval("--task=generate", f"--model={tiny_models / name}", f"--out={out}", *common)
+        gens.append(str(out))
+    g = [json.loads(l) for l in open(gens[0])]
+    assert len(g) == 6 and {"story", "words", "thinking_words", "finish_reason", "category"} <= set(g[0]), g[0]
+    p = run_eval("--task=generate", f"--model={tiny_models / 'base'}", f"--out={gens[0]}", *common)
+    assert "6 of 6 prompts already" in p.stdout and len(open(gens[0]).readlines()) == 6, "resumable: nothing redone"
+    # an OpenAI-compatible endpoint as a peer (the local judge stands in for a served model)
+    server, url = serve_local()
+    try:
+        api_out = tmp_path / "api.jsonl"
+        run_eval("--task=generate", "--model=served", f"--api_url={url}", f"--out={api_out}", *common)
+    finally:
+        server.shutdown()
+    api_rows = [json.loads(l) for l in open(api_out)]
+    assert len(api_rows) == 6 and all(r["finish_reason"] == "stop" and r["words"] > 0 for r in api_rows), api_rows[0]
+    gens.append(str(api_out))
+    p = run_eval("--task=score", f"--gens={','.join(gens)}", *common)
+    assert "SQ ID 1-4k" in p.stdout and "length ratio 8-12k" in p.stdout, p.stdout
+    scored = [json.loads(l) for l in open(ev.scores_path(gens[0]))]
+    assert len(scored) == 6 and all(r["error"] is None for r in scored), "every generation scored"
+    pairs = tmp_path / "pairs.jsonl"
+    p = run_eval("--task=pairwise", f"--gens={','.join(gens)}", f"--pairs={pairs}", *common)
+    prs = [json.loads(l) for l in open(pairs)]
+    assert len(prs) == 3 * 6 and all(r["winner"] in ("a", "b", "tie") for r in prs), "3 model pairs x 6 prompts"
+    assert "win rate of A" in p.stdout
+    ratings = tmp_path / "ratings.json"
+    run_eval("--task=elo", f"--pairs={pairs}", "--anchor=base:1000", f"--out={ratings}")
+    table = json.load(open(ratings))
+    assert table["base"]["rating"] == pytest.approx(1000) and set(table) == {"base", "other", "served"}
+    assert all(len(r["ci"]) == 2 and r["n"] == 12 for r in table.values()), table
+    report = tmp_path / "report.md"
+    run_eval("--task=report", f"--gens={','.join(gens)}", f"--pairs={pairs}", f"--out={report}")
+    text = report.read_text()
+    assert "Story Quality by requested length" in text and "Pairwise Elo" in text and "Win rates" in text, text
+
+
+def test_pairwise_refuses_uncovered_ids(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    row = dict(prompt="Write a 100-word story about x.", target_words=100, story="Once.", model="m")
+    a.write_text(json.dumps(dict(row, id="p1")) + "\n" + json.dumps(dict(row, id="p2")) + "\n")
+    b.write_text(json.dumps(dict(row, id="p1", model="n")) + "\n")
+    p = subprocess.run([sys.executable, "eval.py", "--task=pairwise", f"--gens={a},{b}", f"--pairs={tmp_path}/p.jsonl"], **SUB)
+    assert p.returncode != 0 and "lacks p2" in p.stderr, p.stderr
+
+
+def test_prepare_builds_training_data(tmp_path):
+    src = tmp_path / "stories"
+    src.mkdir()
+    rows = [json.loads(l) for l in open("data/sample/train.jsonl")]
+    for r in rows[:12]:
+        (src / f"{r['id']}.txt").write_text("  " + r["story"].replace("\n\n", "\n  \t\n").replace(" ", "   ") + "\n\n\n")
+    (src / "copy.txt").write_text(rows[0]["story"])
+    (src / "huge.txt").write_text("word " * 4001)
+    out = tmp_path / "data"
+    p = subprocess.run([sys.executable, "data/prepare.py", f"--src={src}", f"--out_dir={out}", "--heldout_percent=25",
+                        f"--judge_cache={tmp_path}/cache"], **SUB)
+    assert p.returncode == 0, p.stderr
+    assert "huge.txt: 4001 words, over max_ref_words=4000" in p.stdout and "duplicate of" in p.stdout, p.stdout
+    train = [json.loads(l) for l in open(out / "train.jsonl")]
+    held = [json.loads(l) for l in open(out / "heldout.jsonl")]
+    assert len(train) + len(held) == 12 and held and train, "duplicates and long stories dropped, both splits used"
+    by_id = {r["id"]: r for r in rows}
+    for r in train + held:
+        original = by_id.get(r["id"]) or by_id["realism-ferry"]
+        assert r["story"] == original["story"], "whitespace normalised back to the original paragraphs"
+        assert r["target_words"] % 100 == 0 and r["prompt"].startswith(f"Write a {r['target_words']}-word story about ")
+    import rubric
+    rubric.load_rows(out / "train.jsonl")  # train.py's loader accepts it
+    p2 = subprocess.run([sys.executable, "data/prepare.py", f"--src={src}", f"--out_dir={tmp_path}/again",
+                         "--heldout_percent=25", f"--judge_cache={tmp_path}/cache"], **SUB)
+    assert open(out / "heldout.jsonl").read() == open(tmp_path / "again/heldout.jsonl").read(), "the split is deterministic"
