@@ -256,6 +256,7 @@ if __name__ == "__main__":
     command = sys.argv[1]
     c = dict(
         port=8000,  # serve: port on 127.0.0.1
+        latency=0.0,  # serve: seconds added to each reply, standing in for a remote API
         data="data/sample/heldout.jsonl",  # score: JSONL rows {id, prompt, target_words, story}
         out="out/scores.jsonl",  # score: rows with scores, SQ, length ratio, reward, error
         judge_url="local",  # base URL ending in /v1, or 'local' for the built-in heuristic judge
@@ -270,7 +271,7 @@ if __name__ == "__main__":
     configure(c, sys.argv[2:])
     if command == "serve":
         from local_judge import serve_local
-        server, url = serve_local(c["port"])
+        server, url = serve_local(c["port"], latency=c["latency"])
         print(f"polaris local judge at {url}/chat/completions (a heuristic stand-in, not a quality judge)", flush=True)
         try:
             threading.Event().wait()

@@ -138,17 +138,28 @@ def collate(seqs, pad_id):
     return ids, attn, loss_mask
 
 
+def _softmax_(x):
+    """Row-wise softmax that overwrites x and returns logsumexp(x): one (c, V) buffer, no copy."""
+    mx = x.max(-1, keepdim=True).values
+    total = x.sub_(mx).exp_().sum(-1, keepdim=True)
+    x.div_(total)
+    return (total.log_() + mx)[:, 0]
+
+
 class ChunkedLogProb(torch.autograd.Function):
     """log softmax(h @ W.T / T)[target] for N rows, chunk rows at a time, recomputing the
-    logits in backward: peak extra memory is chunk x V floats instead of N x V (at 8,192
-    tokens and V = 248,320 the full logits alone are 8 GB in fp32, their gradient as much)."""
+    logits in backward: peak extra memory is one chunk x V float buffer instead of several
+    N x V ones (at 8,192 tokens and V = 248,320 the full logits alone are 8 GB in fp32, and
+    log_softmax, its backward and the gradient each add as much)."""
 
     @staticmethod
     def forward(ctx, h, W, targets, temperature, chunk):  # h (N, H), W (V, H), targets (N,)
         out = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
         for i in range(0, h.shape[0], chunk):
-            logits = (h[i:i + chunk] @ W.T).float() / temperature  # (c, V)
-            out[i:i + chunk] = logits.gather(1, targets[i:i + chunk, None])[:, 0] - logits.logsumexp(-1)
+            logits = (h[i:i + chunk] @ W.T).float().div_(temperature)  # (c, V)
+            target = logits.gather(1, targets[i:i + chunk, None])[:, 0]
+            out[i:i + chunk] = target - _softmax_(logits)
+            del logits  # free it before the next chunk's matmul, or two buffers coexist
         ctx.save_for_backward(h, W, targets)
         ctx.temperature, ctx.chunk = temperature, chunk
         return out
@@ -158,14 +169,16 @@ class ChunkedLogProb(torch.autograd.Function):
         h, W, targets = ctx.saved_tensors
         gh, gW = torch.zeros_like(h), torch.zeros_like(W)
         for i in range(0, h.shape[0], ctx.chunk):
-            hc, tc, gc = h[i:i + ctx.chunk], targets[i:i + ctx.chunk], g[i:i + ctx.chunk]
-            p = ((hc @ W.T).float() / ctx.temperature).softmax(-1)  # (c, V)
-            # d logp[target] / d logits = onehot(target) - softmax, scaled by 1/T
-            gl = -p * gc[:, None]
-            gl[torch.arange(len(tc)), tc] += gc
-            gl = (gl / ctx.temperature).to(h.dtype)
+            hc, tc, gc = h[i:i + ctx.chunk], targets[i:i + ctx.chunk], g[i:i + ctx.chunk] / ctx.temperature
+            gl = (hc @ W.T).float().div_(ctx.temperature)  # (c, V), recomputed
+            _softmax_(gl)
+            # d logp[target] / d logits = (onehot(target) - softmax) / T, built in place
+            gl.mul_(-gc[:, None])
+            gl[torch.arange(len(tc), device=gl.device), tc] += gc
+            gl = gl.to(h.dtype)
             gh[i:i + ctx.chunk] = gl @ W
             gW.addmm_(gl.T, hc)  # accumulated in W's dtype
+            del gl
         return gh, gW, None, None, None
 
 

@@ -133,7 +133,7 @@ if n_ref not in (0, 1) or group_size < 2 + n_ref:
     fail(f"n_ref={n_ref}, group_size={group_size}: n_ref is 0 or 1 (one human story per prompt), "
          "with at least 2 sampled stories")
 for key, allowed in (("loss_norm", ("token", "seq", "constant")), ("scale_rewards", ("group", "none")),
-                     ("dtype", ("float32", "bfloat16", "float16"))):
+                     ("dtype", ("float32", "bfloat16"))):
     if config[key] not in allowed:
         fail(f"{key}={config[key]!r} must be one of {allowed}")
 if num_iterations < 1:
@@ -251,19 +251,24 @@ if resume:
                 os.replace(path + ".tmp", path)
 
 
+def pieces(t):
+    """Flat views of t of at most bucket_numel elements: fp32 temporaries stay small even for
+    the 1B-element embedding of the 9B model (4 GB in fp32)."""
+    return t.view(-1).split(bucket_numel)
+
+
 def all_reduce_grads():
     """Sum gradients over ranks in flat fp32 buckets (bf16 sums of 4 ranks would lose bits)."""
     bucket, size = [], 0
-    for k, p in enumerate(params):
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        bucket.append(p)
-        size += p.numel()
-        if size >= bucket_numel or k == len(params) - 1:
-            flat = torch.cat([q.grad.flatten().float() for q in bucket])
+    views = [x for p in params for x in pieces(p.grad)]
+    for k, x in enumerate(views):
+        bucket.append(x)
+        size += x.numel()
+        if size >= bucket_numel or k == len(views) - 1:
+            flat = torch.cat([b.float() for b in bucket])
             dist.all_reduce(flat)
-            for q, g in zip(bucket, flat.split([q.numel() for q in bucket])):
-                q.grad.copy_(g.view_as(q))
+            for b, g in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(g)
             bucket, size = [], 0
 
 
@@ -272,12 +277,13 @@ def adamw_step(lr, clip_coef):
     global adam_t
     adam_t += 1
     for i in mine:
-        g = params[i].grad.float() * clip_coef
-        exp_avg[i].mul_(beta1).add_(g, alpha=1 - beta1)
-        exp_avg_sq[i].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (exp_avg_sq[i] / (1 - beta2 ** adam_t)).sqrt_().add_(1e-8)
-        master_w[i].mul_(1 - lr * weight_decay).addcdiv_(exp_avg[i], denom, value=-lr / (1 - beta1 ** adam_t))
-        params[i].data.copy_(master_w[i])
+        for g, w, m, v, p in zip(*map(pieces, (params[i].grad, master_w[i], exp_avg[i], exp_avg_sq[i], params[i].data))):
+            g = g.float() * clip_coef
+            m.mul_(beta1).add_(g, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v / (1 - beta2 ** adam_t)).sqrt_().add_(1e-8)
+            w.mul_(1 - lr * weight_decay).addcdiv_(m, denom, value=-lr / (1 - beta1 ** adam_t))
+            p.copy_(w)
     if ddp:  # one broadcast per tensor: simple, and small next to generation time
         for i, p in enumerate(params):
             dist.broadcast(p.data, src=owner[i])
@@ -322,6 +328,7 @@ if master_process:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 ref_cache = {}  # row id -> (prompt_ids, answer_ids, mask)
+t_ckpt = 0.0  # seconds spent writing the previous step's checkpoint
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -412,9 +419,13 @@ for step in range(start_step, max_steps):
                 ref_tok += lm[is_ref].sum().item()
         # --- sync: all-reduce gradients, clip, sharded AdamW
         t3 = time.time()
+        for p in params:  # a parameter the loss did not reach has a zero gradient, not None
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         if ddp:
             all_reduce_grads()
-        grad_norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in params if p.grad is not None)).item()
+        grad_norm = math.sqrt(sum(torch.linalg.vector_norm(x, dtype=torch.float32).item() ** 2
+                                  for p in params for x in pieces(p.grad)))
         if math.isfinite(grad_norm):
             adamw_step(lr, min(1.0, grad_clip / (grad_norm + 1e-6)) if grad_clip else 1.0)
         else:
@@ -436,14 +447,15 @@ for step in range(start_step, max_steps):
     sums = dict(zero_std_groups=zero_std, judge_failures=sum(s["judged"]["error"] is not None for s in seqs),
                 judge_tokens=sum(s["judged"]["tokens_in"] + s["judged"]["tokens_out"] for s in seqs),
                 judge_cost=sum(s["judged"]["cost"] for s in seqs), loss=loss_sum / num_iterations, gen_tokens=gen_tokens,
-                train_tokens=train_tokens, t_generate=t_gen, t_judge_wait=t_judge, t_train=t_train, t_sync=t_sync)
+                train_tokens=train_tokens, t_generate=t_gen, t_judge_wait=t_judge, t_train=t_train, t_sync=t_sync,
+                t_checkpoint=t_ckpt)
     flat = torch.tensor([x for pair in means.values() for x in pair] + list(sums.values()), dtype=torch.float64)
     if ddp:
         dist.all_reduce(flat)
     flat = flat.tolist()
     m = {k: flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else math.nan for i, k in enumerate(means)}
     m.update(zip(sums, flat[2 * len(means):]))
-    for k in ("t_generate", "t_judge_wait", "t_train", "t_sync"):
+    for k in ("t_generate", "t_judge_wait", "t_train", "t_sync", "t_checkpoint"):
         m[k] /= ddp_world_size  # mean seconds per rank
     m.update(step=step, grad_norm=grad_norm, skipped=skipped, lr=lr,
              gen_tok_per_s=m["gen_tokens"] / max(m["t_generate"] * ddp_world_size, 1e-9),
@@ -462,15 +474,18 @@ for step in range(start_step, max_steps):
               f"ref nll {m['ref_nll']:.2f} | loss {m['loss']:.4f} | gnorm {grad_norm:.2f}{' SKIPPED' if skipped else ''} | "
               f"judge fail {m['judge_failures']:.0f} ${m['judge_cost']:.3f} {m['judge_tokens'] / 1e3:.1f}k tok | "
               f"gen {m['t_generate']:.1f}s {m['gen_tok_per_s']:.0f} tok/s | judge wait {m['t_judge_wait']:.1f}s | "
-              f"train {m['t_train']:.1f}s {m['train_tok_per_s']:.0f} tok/s | sync {m['t_sync']:.1f}s", flush=True)
+              f"train {m['t_train']:.1f}s {m['train_tok_per_s']:.0f} tok/s | sync {m['t_sync']:.1f}s"
+              + (f" | checkpoint {m['t_checkpoint']:.1f}s" if m["t_checkpoint"] > 0.05 else ""), flush=True)
         with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(m) + "\n")
         with open(os.path.join(out_dir, "rollouts.jsonl"), "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         if wandb_log:
             wandb.log(m, step=step)
+    t_ckpt = time.time()  # logged with the next step: a step's row is written before its checkpoint
     if (step + 1) % save_interval == 0 or step + 1 == max_steps:
         save_checkpoint(step + 1)
+    t_ckpt = time.time() - t_ckpt
 
 judge.close()
 if ddp:

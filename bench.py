@@ -1,0 +1,238 @@
+"""
+Measured speed, memory and scaling of a POLARIS training step. Every row comes from this run.
+
+    python bench.py                     # CPU: about 3 minutes on 2 cores; writes bench.md
+    python bench.py --out=bench_gpu.md  # on a GPU machine the CUDA rows run too
+
+Rows:
+1. log-probabilities of one sequence at the real vocabulary (248,320) on a small-hidden
+   Qwen3.5 model, forward + backward: rollout.py's chunked path against the naive full
+   logits -> log_softmax, peak memory added (CPU: peak RSS of a subprocess per variant, the
+   naive one under an address-space limit so that running out is reported, not suffered;
+   GPU: max_memory_allocated) and time. Targets: at most 1/8 of naive memory, 1.3x its time.
+2. judge throughput: 64 requests to a local judge with 200 ms added latency on 16 workers,
+   against the ideal ceil(64 / 16) x 0.2 s. Target: efficiency >= 0.8.
+3. a tiny training step (config/tiny.py): seconds per phase and their shares, tokens/s.
+4. scaling: the tiny step at requested lengths of 125-1,000 words (max_new_tokens scaled),
+   seconds per phase, and the fitted exponent of time against length.
+5. CUDA only: one micro-batch of a 9B-architecture model (random bf16 weights) on 8,192 tokens,
+   and generation of 5 x 1,024 tokens against the memory-bandwidth limit.
+"""
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import socket
+import time
+
+import numpy as np
+import torch
+
+from configurator import configure
+
+out = "bench.md"
+logprob_tokens = 8192  # the sequence length of row 1
+logprob_compare_tokens = 4096  # where the naive path still fits in a CPU's memory, for the ratios
+vocab = 248320
+chunk = 1024
+naive_limit_gb = 20.0  # address-space limit for the naive variant on the CPU
+judge_requests, judge_workers, judge_latency = 64, 16, 0.2
+scaling_words = [125, 250, 500, 1000]
+tokens_per_word = 2.0  # max_new_tokens = words x this, for the tiny tokenizer
+worker = ""  # internal: 'chunked:8192' runs one log-prob variant in this process and prints JSON
+c = configure(globals())
+ROOT = os.path.dirname(os.path.abspath(__file__))
+device = "cuda" if torch.cuda.is_available() else "cpu"
+
+# -----------------------------------------------------------------------------
+# 1. log-probability memory and time
+
+
+def small_model(vocab_size, hidden=64, layers=1, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, Qwen3_5TextConfig
+    cfg = Qwen3_5TextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, layer_types=["full_attention"] * layers)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
+
+
+if worker:  # one variant, alone in its process, so its peak memory is its own
+    import rollout
+    variant, T = worker.split(":")
+    T = int(T)
+    model = small_model(vocab)
+    ids = torch.randint(0, vocab, (1, T), device=device)
+    attn, lm = torch.ones_like(ids), torch.ones(1, T - 1, device=device)
+    before = torch.cuda.memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    try:
+        if variant == "chunked":
+            logp = rollout.token_logprobs(model, ids, attn, lm, 1.0, chunk)
+        else:  # the naive path: the whole (T, V) logits, log_softmax, gather
+            logp = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float().log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0]
+        logp.sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps(dict(ok=True, seconds=seconds, peak_gb=(peak - before) / 1e9)))
+    except (RuntimeError, MemoryError) as e:  # the address-space limit (CPU) or the GPU is full
+        print(json.dumps(dict(ok=False, error="out of memory" if "alloc" in str(e) else str(e).splitlines()[0][:100])))
+    sys.exit(0)
+
+
+def logprob_run(variant, T):
+    def limit():  # in the child before it starts: an allocation past this fails instead of swapping the machine
+        if variant == "naive" and device == "cpu":
+            resource.setrlimit(resource.RLIMIT_AS, (int(naive_limit_gb * 2**30),) * 2)
+    p = subprocess.run([sys.executable, "bench.py", f"--worker={variant}:{T}", f"--chunk={chunk}", f"--vocab={vocab}"],
+                       capture_output=True, text=True, cwd=ROOT, preexec_fn=limit)
+    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+    return json.loads(lines[-1]) if lines else dict(ok=False, error=(p.stderr.strip().splitlines() or ["crashed"])[-1][:120])
+
+
+rows = []  # (what, measured, target or note)
+t_start = time.time()
+print("1. log-probabilities ...", flush=True)
+res = {(v, T): logprob_run(v, T) for T in (logprob_tokens, logprob_compare_tokens) for v in ("chunked", "naive")}
+for (v, T), r in res.items():
+    rows.append((f"log-probs {v}, T={T}, V={vocab}, fwd+bwd",
+                 f"{r['peak_gb']:.2f} GB added, {r['seconds']:.1f} s" if r["ok"] else f"failed: {r['error']}",
+                 f"chunk={chunk}" if v == "chunked" else (f"under a {naive_limit_gb:g} GiB address-space limit" if device == "cpu" else "")))
+for T in (logprob_tokens, logprob_compare_tokens):
+    ch, nv = res["chunked", T], res["naive", T]
+    if ch["ok"] and nv["ok"]:
+        mem, tim = ch["peak_gb"] / nv["peak_gb"], ch["seconds"] / nv["seconds"]
+        rows.append((f"chunked / naive at T={T}", f"memory {mem:.3f}, time {tim:.2f}",
+                     f"target memory <= 0.125 ({'met' if mem <= 0.125 else 'MISSED'}), time <= 1.3 ({'met' if tim <= 1.3 else 'MISSED'})"))
+    elif ch["ok"]:
+        rows.append((f"chunked / naive at T={T}", "naive did not fit", f"chunked needed {ch['peak_gb']:.2f} GB"))
+
+# -----------------------------------------------------------------------------
+# 2. judge throughput against a local judge with added latency
+print("2. judge throughput ...", flush=True)
+import judge as judge_lib  # noqa: E402
+
+# the server runs in its own process, as a remote API would: in this one it would share the GIL
+with socket.socket() as sock:  # a free port
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+server = subprocess.Popen([sys.executable, "judge.py", "serve", f"--port={port}", f"--latency={judge_latency}"],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+if not any("local judge at" in line for line in server.stdout):  # stops at its address line, or at EOF
+    sys.exit("the local judge did not start")
+story = json.loads(open(os.path.join(ROOT, "data/sample/train.jsonl")).readline())
+client = judge_lib.Judge(f"http://127.0.0.1:{port}/v1", "bench", workers=judge_workers)
+client.score([story])  # warm-up: the server loads its vocabulary on the first request
+t = time.perf_counter()
+results, used = client.score([dict(story, story=story["story"] + f"\n\n{i}") for i in range(judge_requests)])
+wall = time.perf_counter() - t
+client.close()
+server.terminate()
+ideal = math.ceil(judge_requests / judge_workers) * judge_latency
+rows.append((f"judge: {judge_requests} requests, {judge_workers} workers, {judge_latency * 1000:.0f} ms latency",
+             f"{wall:.2f} s (ideal {ideal:.2f} s), efficiency {ideal / wall:.2f}, failures {used['failures']}",
+             f"target >= 0.8 ({'met' if ideal / wall >= 0.8 else 'MISSED'})"))
+
+# -----------------------------------------------------------------------------
+# 3. and 4. the tiny training step, and its scaling with the requested length
+PHASES = ["t_generate", "t_judge_wait", "t_train", "t_sync", "t_checkpoint"]
+
+
+def tiny_run(args, data=None):
+    """Run train.py config/tiny.py in a subprocess; return its metrics rows."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "train.py", "config/tiny.py", f"--out_dir={tmp}/run", *args]
+        if data:
+            path = os.path.join(tmp, "data.jsonl")
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in data)
+            cmd.append(f"--train_data={path}")
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if p.returncode:
+            sys.exit(f"tiny run failed:\n{p.stderr[-2000:]}")
+        return [json.loads(l) for l in open(f"{tmp}/run/metrics.jsonl")]
+
+
+print("3. tiny training step ...", flush=True)
+m = tiny_run(["--max_steps=4", "--save_interval=1"])[1:]  # the first step warms up; checkpoint every step
+mean = {k: float(np.mean([r[k] for r in m])) for k in PHASES + ["gen_tok_per_s", "train_tok_per_s"]}
+step_s = sum(mean[k] for k in PHASES)
+rows.append(("tiny step (2 groups x 6, 96 new tokens), mean of steps 2-4", f"{step_s:.2f} s per step", "config/tiny.py"))
+for k in PHASES:
+    rows.append((f"  {k[2:].replace('_', ' ')}", f"{mean[k]:.3f} s ({100 * mean[k] / step_s:.0f}%)", ""))
+rows.append(("  tokens/s", f"generate {mean['gen_tok_per_s']:.0f}, train {mean['train_tok_per_s']:.0f}", ""))
+
+print("4. scaling with requested length ...", flush=True)
+base_rows = [json.loads(l) for l in open(os.path.join(ROOT, "data/sample/train.jsonl"))]
+times = {k: [] for k in PHASES[:4]}
+for words in scaling_words:
+    data = [dict(r, target_words=words, prompt=r["prompt"].replace(f"{r['target_words']}-word", f"{words}-word")) for r in base_rows]
+    m = tiny_run(["--max_steps=2", f"--max_new_tokens={int(words * tokens_per_word)}", "--save_interval=1000"], data)[1:]
+    for k in times:
+        times[k].append(float(np.mean([r[k] for r in m])))
+    rows.append((f"  {words} words ({int(words * tokens_per_word)} new tokens)",
+                 ", ".join(f"{k[2:].replace('_', ' ')} {times[k][-1]:.2f} s" for k in times), ""))
+for k, ts in times.items():
+    if min(ts) > 0.01:
+        slope = np.polyfit(np.log(scaling_words), np.log(ts), 1)[0]
+        rows.append((f"  exponent of {k[2:].replace('_', ' ')} time vs length", f"{slope:.2f}",
+                     "1 = linear in the generated tokens"))
+
+# -----------------------------------------------------------------------------
+# 5. CUDA only: the 9B architecture
+if device == "cuda":
+    print("5. 9B-architecture micro-batch and generation ...", flush=True)
+    import rollout
+    from transformers import AutoModelForCausalLM, Qwen3_5TextConfig
+    cfg = Qwen3_5TextConfig()  # transformers' defaults are the 9B architecture: hidden 4096, 32 layers, V 248,320
+    torch.manual_seed(0)
+    big = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).to("cuda")
+    n = sum(p.numel() for p in big.parameters())
+    big.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    big.train()
+    torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(0, cfg.vocab_size, (1, 8192), device="cuda")
+    t = time.perf_counter()
+    logp = rollout.token_logprobs(big, ids, torch.ones_like(ids), torch.ones(1, 8191, device="cuda"), 0.6, chunk)
+    (-logp.mean()).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 1e9
+    budget = 80 - 12 * n / 4 / 1e9  # an A100 80GB less the AdamW shard of 4 ranks
+    rows.append(("9B micro-batch, 8,192 tokens, bf16, checkpointing, chunked log-probs",
+                 f"peak {peak:.1f} GB (weights + grads + activations), {time.perf_counter() - t:.1f} s",
+                 f"budget {budget:.1f} GB = 80 GB - AdamW shard {12 * n / 4 / 1e9:.1f} GB ({'fits' if peak <= budget else 'DOES NOT FIT'})"))
+    big.zero_grad(set_to_none=True)
+    big.eval()
+    prompt = torch.randint(0, cfg.vocab_size, (5, 64), device="cuda")
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.no_grad():
+        gen = big.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1024, min_new_tokens=1024,
+                           do_sample=True, top_k=20, pad_token_id=0)
+    torch.cuda.synchronize()
+    secs = time.perf_counter() - t
+    name = torch.cuda.get_device_name()
+    bandwidth = next((bw for key, bw in (("H200", 4.8e12), ("H100", 3.35e12), ("A100", 2.0e12)) if key in name), None)
+    steps_limit = bandwidth / (2 * n) if bandwidth else math.nan  # each decode step reads every bf16 weight once
+    rows.append((f"9B generation, 5 x 1,024 new tokens on {name}", f"{5 * 1024 / secs:.0f} tok/s ({1024 / secs:.1f} steps/s)",
+                 f"bandwidth limit {steps_limit:.0f} steps/s: {1024 / secs / steps_limit:.0%} of it" if bandwidth else "unknown GPU bandwidth"))
+else:
+    rows.append(("9B micro-batch and generation rows", "skipped: no CUDA device", "run `python bench.py` on a GPU machine"))
+
+# -----------------------------------------------------------------------------
+cpu = platform.processor() or platform.machine()
+header = (f"# polaris bench\n\n{time.strftime('%Y-%m-%d')}, {device}"
+          + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else f", {os.cpu_count()} cores, {cpu}")
+          + f", torch {torch.__version__}, {time.time() - t_start:.0f} s in all. Command: `python bench.py`.\n\n")
+table = "| what | measured | target / note |\n| --- | --- | --- |\n" + "\n".join(f"| {a} | {b} | {t} |" for a, b, t in rows)
+print("\n" + table)
+with open(out, "w") as f:
+    f.write(header + table + "\n")
+print(f"\nwrote {out}")
