@@ -289,19 +289,7 @@ if __name__ == "__main__":
     dtype = "bfloat16"
     seed = 1337
     # judge (config/eval.py: GPT-5.4)
-    judge_url = "local"
-    judge_model = "polaris-local"
-    judge_key_env = ""
-    judge_workers = 16
-    judge_timeout = 300.0
-    judge_retries = 6
-    judge_reasks = 2
-    judge_backoff_max = 60.0
-    judge_extra = {}
-    judge_price_in = 0.0
-    judge_price_out = 0.0
-    judge_cache = "out/judge_cache"
-    length_weight = 25.0
+    globals().update(judge_lib.DEFAULTS)  # judge_url, judge_model, judge_key_env, ... (see judge.py)
     c = configure(globals())
 
     def fail(msg):
@@ -329,8 +317,8 @@ if __name__ == "__main__":
             from tqdm import tqdm
             import rollout
             if api_url:  # an API model or a vLLM-served checkpoint, through the same HTTP client
-                client = judge_lib.Judge(api_url, model, key_env=api_key_env, workers=judge_workers,
-                                         timeout=judge_timeout, retries=judge_retries, cache_dir=judge_cache or None,
+                client = judge_lib.Judge(api_url, model, key_env=api_key_env, workers=c["judge_workers"],
+                                         timeout=c["judge_timeout"], retries=c["judge_retries"], cache_dir=c["judge_cache"] or None,
                                          extra=dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p))
                 futures = [client.pool.submit(client.chat, [dict(role="user", content=r["prompt"])]) for r in todo]
             else:
@@ -366,7 +354,7 @@ if __name__ == "__main__":
         elif task == "score":
             if not gen_files:
                 fail("--task=score needs --gens=FILE[,FILE...]")
-            judge = judge_lib.judge_from_config(c, cache_dir=judge_cache or None)
+            judge = judge_lib.judge_from_config(c, cache_dir=c["judge_cache"] or None)
             for f in gen_files:
                 rows = read_jsonl(f)
                 if not rows:
@@ -387,7 +375,7 @@ if __name__ == "__main__":
             ids = shared_ids(gen_files, allow_intersection)
             by_file = {f: {r["id"]: r for r in read_jsonl(f)} for f in gen_files}
             label = {f: next(iter(by_file[f].values())).get("model") or os.path.basename(f) for f in gen_files}
-            judge = judge_lib.judge_from_config(c, cache_dir=judge_cache or None)
+            judge = judge_lib.judge_from_config(c, cache_dir=c["judge_cache"] or None)
             done = {(r["id"], r["model_a"], r["model_b"]) for r in read_jsonl(pairs)}
             cut = lambda t: t[:max_chars] if max_chars else t
             jobs = []

@@ -241,6 +241,19 @@ def usage(results):
 # command line
 
 
+# The judge settings every script accepts (train.py spells out its own for the paper run):
+DEFAULTS = dict(
+    judge_url="local",  # base URL ending in /v1, or 'local' for the built-in heuristic judge
+    judge_model="polaris-local",
+    judge_key_env="",  # the NAME of the environment variable holding the API key
+    judge_workers=16, judge_timeout=300.0, judge_retries=6, judge_reasks=2, judge_backoff_max=60.0,
+    judge_extra={},  # passed through in the body: {'reasoning_effort': 'low', ...}
+    judge_price_in=0.0, judge_price_out=0.0,  # dollars per million tokens
+    judge_cache="out/judge_cache",  # '' to disable
+    length_weight=25.0,  # reward = SQ - length_weight * (1 - length score)
+)
+
+
 def judge_from_config(c, cache_dir=None):
     """Build a Judge from a config dict with the judge_* keys (train.py, eval.py, here)."""
     return Judge(c["judge_url"], c["judge_model"], key_env=c["judge_key_env"], workers=c["judge_workers"],
@@ -259,14 +272,7 @@ if __name__ == "__main__":
         latency=0.0,  # serve: seconds added to each reply, standing in for a remote API
         data="data/sample/heldout.jsonl",  # score: JSONL rows {id, prompt, target_words, story}
         out="out/scores.jsonl",  # score: rows with scores, SQ, length ratio, reward, error
-        judge_url="local",  # base URL ending in /v1, or 'local' for the built-in heuristic judge
-        judge_model="polaris-local",
-        judge_key_env="",  # name of the environment variable holding the API key
-        judge_workers=16, judge_timeout=300.0, judge_retries=6, judge_reasks=2, judge_backoff_max=60.0,
-        judge_extra={},  # passed through: {'temperature': 0, 'reasoning_effort': 'low', ...}
-        judge_price_in=0.0, judge_price_out=0.0,  # dollars per million tokens
-        judge_cache="out/judge_cache",  # '' to disable
-        length_weight=25.0,  # reward = SQ - length_weight * (1 - length score)
+        **DEFAULTS,
     )
     configure(c, sys.argv[2:])
     if command == "serve":

@@ -28,19 +28,8 @@ src = ""  # folder of .txt stories
 out_dir = "data/mine"
 max_ref_words = 4000
 heldout_percent = 10  # share of stories held out for evaluation, chosen by a hash of the file name
-judge_url = "local"  # the LLM that writes the premises
-judge_model = "polaris-local"
-judge_key_env = ""
-judge_workers = 16
-judge_timeout = 300.0
-judge_retries = 6
-judge_reasks = 0
-judge_backoff_max = 60.0
-judge_extra = {}
-judge_price_in = 0.0
-judge_price_out = 0.0
-judge_cache = "out/judge_cache"
-length_weight = 25.0
+globals().update(judge_lib.DEFAULTS)  # judge_url (the LLM that writes the premises), judge_model, ...
+judge_reasks = 0  # a premise is free text: nothing to re-ask about
 c = configure(globals())
 
 PREMISE_PROMPT = """Read the story between the marker lines and reply with its premise: one sentence,
@@ -86,7 +75,7 @@ for name in names:
         kept.append(dict(id=name[:-4], story=story, words=words))
 
 try:
-    judge = judge_lib.judge_from_config(c, cache_dir=judge_cache or None)
+    judge = judge_lib.judge_from_config(c, cache_dir=c["judge_cache"] or None)
 except ValueError as e:
     sys.exit(f"error: {e}")
 futures = [judge.pool.submit(judge.chat, [dict(role="user", content=PREMISE_PROMPT.format(
