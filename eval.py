@@ -279,6 +279,7 @@ if __name__ == "__main__":
     name = ""  # the model's name in the tables (default: the folder's or model's name)
     api_url = ""  # '' generates locally with transformers; else an OpenAI-compatible base URL
     api_key_env = ""
+    api_extra = None  # body fields for API generation; None sends max_tokens, temperature and top_p
     enable_thinking = True
     max_new_tokens = 14336  # the card, for 8-12k-word targets
     temperature = 0.6
@@ -319,7 +320,8 @@ if __name__ == "__main__":
             if api_url:  # an API model or a vLLM-served checkpoint, through the same HTTP client
                 client = judge_lib.Judge(api_url, model, key_env=api_key_env, workers=c["judge_workers"],
                                          timeout=c["judge_timeout"], retries=c["judge_retries"], cache_dir=c["judge_cache"] or None,
-                                         extra=dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p))
+                                         extra=api_extra if api_extra is not None else
+                                         dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p))
                 futures = [client.pool.submit(client.chat, [dict(role="user", content=r["prompt"])]) for r in todo]
             else:
                 import torch

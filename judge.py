@@ -181,7 +181,7 @@ class Judge:
                 r = self._session().post(self.url, json=body, headers=headers, timeout=self.timeout)
             except requests.Timeout:
                 reason = f"timeout after {self.timeout:g} s"
-            except requests.ConnectionError as e:
+            except requests.RequestException as e:  # refused, reset, cut off mid-body, ...
                 reason = f"connection error ({type(e).__name__})"
             else:
                 if r.status_code == 200:

@@ -41,6 +41,7 @@ def reference_tokens(tok, prompt, story, enable_thinking, eos, mask_think=True):
     (`\\n</think>\\n\\n` for Qwen). mask_think=True leaves it out of the loss: a human story has no
     thinking, and training that block with a high advantage would teach the policy to stop
     thinking. Returns (prompt_ids, answer_ids, mask) with len(mask) == len(answer_ids)."""
+    story = story.strip()  # templates may trim the answer; the human story must be found in it
     user = [dict(role="user", content=prompt)]
     head = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking)
     full = tok.apply_chat_template(user + [dict(role="assistant", content=story)], tokenize=False,
