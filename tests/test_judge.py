@@ -17,7 +17,7 @@ import local_judge
 import rubric
 
 PROMPT = "Write a 300-word story about a ferry."
-STORY = open("data/sample/train.jsonl").readline() and json.loads(open("data/sample/train.jsonl").readline())["story"]
+STORY = json.loads(open("data/sample/train.jsonl").readline())["story"]
 
 
 class FaultServer:
