@@ -222,14 +222,21 @@ def elo_table(pairs, anchor=None, n_boot=200, seed=0):
         if present == models and len(components(models, sample)) == 1 and (not anchor or anchor[0] in present):
             boot.append(bradley_terry(sample, models, anchor))
     n = {m: sum(m in (a, b) for a, b, _ in battles) for m in models}
+    points = {m: sum(s if m == a else 1 - s for a, b, s in battles if m in (a, b)) for m in models}
+    # a model that won (or lost) every comparison has no finite maximum-likelihood rating: the
+    # ridge alone then sets its distance, so the number is flagged rather than trusted
     return {m: dict(rating=ratings[m], ci=[float(np.percentile([r[m] for r in boot], q)) for q in (2.5, 97.5)],
-                    n=n[m]) for m in sorted(models, key=lambda m: -ratings[m])}
+                    n=n[m], unbounded=points[m] in (0, n[m])) for m in sorted(models, key=lambda m: -ratings[m])}
 
 
 def format_elo(table):
     lines = ["| rank | model | Elo | 95% CI | comparisons |", "| --- | --- | --- | --- | --- |"]
     for k, (m, r) in enumerate(table.items(), 1):
-        lines.append(f"| {k} | {m} | {r['rating']:.0f} | [{r['ci'][0]:.0f}, {r['ci'][1]:.0f}] | {r['n']} |")
+        flag = " (unbounded)" if r["unbounded"] else ""
+        lines.append(f"| {k} | {m} | {r['rating']:.0f}{flag} | [{r['ci'][0]:.0f}, {r['ci'][1]:.0f}] | {r['n']} |")
+    if any(r["unbounded"] for r in table.values()):
+        lines.append("\n(unbounded): won or lost every comparison, so the data set no finite rating; "
+                     "only the ordering is meaningful. Add stronger or weaker peers.")
     return "\n".join(lines)
 
 

@@ -183,3 +183,12 @@ def test_prepare_builds_training_data(tmp_path):
     p2 = subprocess.run([sys.executable, "data/prepare.py", f"--src={src}", f"--out_dir={tmp_path}/again",
                          "--heldout_percent=25", f"--judge_cache={tmp_path}/cache"], **SUB)
     assert open(out / "heldout.jsonl").read() == open(tmp_path / "again/heldout.jsonl").read(), "the split is deterministic"
+
+
+def test_a_clean_sweep_is_flagged_unbounded():
+    pairs = [dict(id=str(i), model_a="x", model_b="y", winner="a") for i in range(10)]
+    t = ev.elo_table(pairs, n_boot=20)
+    assert t["x"]["unbounded"] and t["y"]["unbounded"] and t["x"]["rating"] > t["y"]["rating"], \
+        "10 wins of 10: no finite rating, flagged"
+    pairs.append(dict(id="10", model_a="x", model_b="y", winner="b"))
+    assert not ev.elo_table(pairs, n_boot=20)["x"]["unbounded"], "one loss bounds the rating"
