@@ -182,6 +182,7 @@ def test_prepare_builds_training_data(tmp_path):
     rubric.load_rows(out / "train.jsonl")  # train.py's loader accepts it
     p2 = subprocess.run([sys.executable, "data/prepare.py", f"--src={src}", f"--out_dir={tmp_path}/again",
                          "--heldout_percent=25", f"--judge_cache={tmp_path}/cache"], **SUB)
+    assert p2.returncode == 0, p2.stderr
     assert open(out / "heldout.jsonl").read() == open(tmp_path / "again/heldout.jsonl").read(), "the split is deterministic"
 
 

@@ -165,14 +165,12 @@ def test_concurrency_matches_workers(server):
     n, workers, latency = 24, 8, 0.2
     s = server(latency=latency)
     j = make_judge(s.url, workers=workers)
-    t = time.perf_counter()
     results, used = j.score([dict(prompt=PROMPT, target_words=300, story=f"{STORY}\n\nVariant {i}.") for i in range(n)])
-    wall = time.perf_counter() - t
     j.close()
     assert used["n"] == n and used["failures"] == 0, "all scored"
+    # the server counts requests in flight at once: no clock, so no flakiness on a busy machine;
+    # bench.py measures the wall time against ceil(N / workers) * latency
     assert s.max_inflight == workers, f"the pool should keep {workers} requests in flight, saw {s.max_inflight}"
-    # ideal is ceil(24 / 8) * 0.2 = 0.6 s, serial would be 4.8 s; bench.py measures the real efficiency
-    assert wall < n * latency / 2, f"requests ran serially: {wall:.2f} s"
     assert used["tokens_in"] == n * 1000 and used["tokens_out"] == n * 200, "usage summed from the responses"
 
 
