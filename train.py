@@ -180,14 +180,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa
 
 load_from = ckpts[-1] if resume else init_from
 
-if init_from == "tiny":
+if init_from == "tiny" and not resume:
     base, tok = rollout.build_tiny([train_data], tiny_vocab, tiny_hidden, tiny_layers, seed)
     n_params = sum(p.numel() for p in base.parameters())
 else:
     try:
         model_config = AutoConfig.from_pretrained(load_from)
     except (OSError, ValueError) as e:
-        fail(f"init_from={init_from!r}: {e}")
+        fail(f"init_from={load_from!r}: {e}")
     with torch.device("meta"):  # count parameters without allocating them
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config).parameters())
 plan = rollout.memory_plan(n_params, ddp_world_size, ptdtype.itemsize)
