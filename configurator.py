@@ -9,7 +9,9 @@ which applies, in order, each config file named on the command line (python file
 overrides, e.g. config/tiny.py) and each --key=value. Values are parsed with literal_eval
 (a bare word stays a string) and must match the default's type: None accepts anything, an int
 may stand for a float. Unknown keys are rejected with the nearest valid names. Any bad input
-exits before the script does expensive work, naming the file:line or the flag.
+exits before the script does expensive work, naming the file:line or the flag. Then each script
+checks the values against their allowed ranges with check_ranges, the rules written once where
+the settings are defined (judge.RANGES, rollout.SAMPLING_RANGES, train.py's own).
 
 nanoGPT exec()s this file into the script instead; a function is used here so that tests can
 call it and so that scripts run from any working directory.
@@ -78,3 +80,19 @@ def configure(g, argv=None):
         if verbose:
             print(f"override: {key} = {g[key]!r}")
     return {k: g[k] for k in keys}
+
+
+def _in_range(v, rule):
+    if rule[0] in "[(":  # an interval: [0, 1] closed, (0, 1] open on the left
+        lo, hi = (float(x) for x in rule[1:-1].split(","))
+        return (v >= lo if rule[0] == "[" else v > lo) and (v <= hi if rule[-1] == "]" else v < hi)
+    op, bound = rule.split()
+    return {">": v > float(bound), ">=": v >= float(bound)}[op]
+
+
+def check_ranges(c, rules):
+    """rules: {key: '> 0' | '>= 1' | '[0, 1]' | '(0, 1]' | ...}. Exits naming every value of c
+    outside its range (NaN is outside every range), before any expensive work."""
+    bad = [f"{k}={c[k]!r} must be {'in ' * (rule[0] in '[(')}{rule}" for k, rule in rules.items() if k in c and not _in_range(c[k], rule)]
+    if bad:
+        _fail("; ".join(bad))

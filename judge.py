@@ -14,6 +14,7 @@ stand-in in this process (not a quality judge).
     python judge.py score --data=IN.jsonl --out=OUT.jsonl --judge_url=https://api.openai.com/v1 \\
         --judge_model=gpt-5.4 --judge_key_env=OPENAI_API_KEY --judge_price_in=2.50 --judge_price_out=15
 """
+import collections
 import email.utils
 import hashlib
 import json
@@ -34,6 +35,10 @@ import rubric
 class JudgeError(Exception):
     pass
 
+
+class JudgeFatal(JudgeError):
+    """A failure no retry can fix (key rejected, model or URL not found): the run must stop."""
+
 # -----------------------------------------------------------------------------
 # the client
 
@@ -48,13 +53,17 @@ class Judge:
     key_env: the NAME of the environment variable holding the API key ('' for none). The key
          goes into the Authorization header and nowhere else.
     extra: body fields passed through unchanged (temperature, reasoning_effort, service_tier,
-         max_completion_tokens, ...); they are part of the cache key.
+         ...); they are part of the cache key.
+    max_tokens: the reply's token cap, sent as max_completion_tokens (OpenAI's name, which vLLM
+         and `transformers serve` take too) unless extra names its own cap; 0 sends none. Without
+         it a local server generates up to its own default maximum for every request.
+    max_reply_bytes: a reply body larger than this is a failure: never parsed, re-asked or cached.
     price_in, price_out: dollars per million prompt / completion tokens.
     """
 
     def __init__(self, url, model, key_env="", workers=16, timeout=300.0, retries=6, reasks=2,
                  extra=None, price_in=0.0, price_out=0.0, cache_dir=None, length_weight=25.0,
-                 backoff=1.0, backoff_max=60.0):
+                 backoff=1.0, backoff_max=60.0, max_tokens=8192, max_reply_bytes=1_000_000):
         if key_env and not os.environ.get(key_env):
             raise ValueError(f"judge_key_env: the environment variable {key_env} is not set")
         self.key_env = key_env  # the key itself is read at each request and kept nowhere
@@ -64,6 +73,9 @@ class Judge:
             self.server, url = serve_local(port=0)
         self.url = url.rstrip("/") + "/chat/completions"
         self.model, self.extra = model, dict(extra or {})
+        if max_tokens and not {"max_tokens", "max_completion_tokens"} & set(self.extra):
+            self.extra["max_completion_tokens"] = max_tokens
+        self.max_reply_bytes = max_reply_bytes
         self.timeout, self.retries, self.reasks = timeout, retries, reasks
         self.backoff, self.backoff_max = backoff, backoff_max
         self.price_in, self.price_out = price_in, price_out
@@ -99,7 +111,7 @@ class Judge:
     # --- one story, one pair
 
     def _score_one(self, prompt, target_words, story):
-        out = dict(scores=None, error=None, tokens_in=0, tokens_out=0, cost=0.0, cached=0)
+        out = dict(scores=None, error=None, fatal=False, tokens_in=0, tokens_out=0, cost=0.0, cached=0)
         if not story or not story.strip():
             # nothing to judge: the minimum reward, and no money spent on asking
             out.update(rubric.reward({}, "", target_words, self.length_weight))
@@ -112,18 +124,20 @@ class Judge:
         return out
 
     def _pair_one(self, prompt, story_a, story_b):
-        out = dict(verdict=None, error=None, tokens_in=0, tokens_out=0, cost=0.0, cached=0)
+        out = dict(verdict=None, error=None, fatal=False, tokens_in=0, tokens_out=0, cost=0.0, cached=0)
         out["verdict"], out["error"] = self._ask(rubric.pairwise_messages(prompt, story_a, story_b),
                                                  rubric.parse_pairwise, out)
         return out
 
     def _ask(self, messages, parse, out):
         """Ask, parse; on a reply that does not parse, show the judge its reply and the reason
-        and ask again, at most self.reasks times. Returns (parsed, None) or (None, reason)."""
+        and ask again, at most self.reasks times. Returns (parsed, None) or (None, reason);
+        out['fatal'] is set when the failure is one no retry can fix (the trainer stops)."""
         for attempt in range(self.reasks + 1):
             try:
                 reply = self.chat(messages)
             except JudgeError as e:
+                out["fatal"] = isinstance(e, JudgeFatal)
                 return None, str(e)
             content, used = reply["content"], reply["usage"]
             out["tokens_in"] += used.get("prompt_tokens") or 0
@@ -144,20 +158,24 @@ class Judge:
 
     # --- HTTP with retries, behind a disk cache
 
-    def chat(self, messages):
-        """One chat completion: {content, usage, finish_reason, cached: 1 if from the disk cache
-        else 0}. Raises JudgeError. Also used to generate from API models (eval.py)."""
-        body = dict(self.extra, model=self.model, messages=messages)
+    def chat(self, messages, extra=None, cache_empty=True):
+        """One chat completion: {content, reasoning, usage, finish_reason, cached: 1 if from the
+        disk cache else 0}. Raises JudgeError. Also generates from API models (eval.py), with
+        `extra` body fields on top of the client's; cache_empty=False leaves a reply with empty
+        content out of the cache, so that a later run asks again."""
+        body = dict(self.extra, **(extra or {}), model=self.model, messages=messages)
         key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         path = os.path.join(self.cache_dir, key[:2], key + ".json") if self.cache_dir else None
         if path and os.path.exists(path):
             try:
                 with open(path) as f:
-                    return dict(json.load(f), cached=1)
+                    reply = json.load(f)
+                if _is_reply(reply):
+                    return dict(reply, cached=1)
             except (OSError, ValueError):
-                pass  # unreadable entry: ask again and overwrite it
+                pass  # an unreadable or wrongly shaped entry is asked again and overwritten
         reply = self._post(body)
-        if path:
+        if path and (cache_empty or reply["content"].strip()):
             # write to a temporary file in the same folder, then rename: a crash leaves either
             # no entry or a whole one, and concurrent writers of one key cannot interleave
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -172,13 +190,25 @@ class Judge:
             self._local.s = requests.Session()
         return self._local.s
 
+    def _read(self, r):
+        """The response body, read with a cap: a 60 MB reply must not reach memory whole, the
+        judge's re-ask, or the cache."""
+        body = b""
+        for piece in r.iter_content(65536):
+            body += piece
+            if len(body) > self.max_reply_bytes:
+                r.close()
+                raise JudgeError(f"reply of over {self.max_reply_bytes} bytes (judge_max_reply_bytes) from {self.url}")
+        return body
+
     def _post(self, body):
         key = os.environ.get(self.key_env) if self.key_env else None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         for attempt in range(self.retries + 1):
             wait = None
             try:
-                r = self._session().post(self.url, json=body, headers=headers, timeout=self.timeout)
+                r = self._session().post(self.url, json=body, headers=headers, timeout=self.timeout, stream=True)
+                raw = self._read(r)
             except requests.Timeout:
                 reason = f"timeout after {self.timeout:g} s"
             except requests.RequestException as e:  # refused, reset, cut off mid-body, ...
@@ -186,14 +216,18 @@ class Judge:
             else:
                 if r.status_code == 200:
                     try:
-                        data = r.json()
-                        choice = data["choices"][0]
-                        if not isinstance(choice["message"]["content"], str):
-                            raise TypeError
-                        return dict(content=choice["message"]["content"], usage=data.get("usage") or {},
-                                    finish_reason=choice.get("finish_reason"))
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        reason = "HTTP 200 with a body that is not a chat completion"
+                        data = json.loads(raw)
+                        message = data["choices"][0]["message"]
+                        # servers that apply a thinking template split the thinking out of
+                        # the answer: vLLM and transformers serve as reasoning_content, others as reasoning
+                        reply = dict(content=message.get("content") or "",
+                                     reasoning=message.get("reasoning_content") or message.get("reasoning") or "",
+                                     usage=data.get("usage") or {}, finish_reason=data["choices"][0].get("finish_reason"))
+                        if _is_reply(reply):
+                            return reply
+                    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                        pass
+                    reason = "HTTP 200 with a body that is not a chat completion"
                 elif r.status_code == 429 or r.status_code >= 500:
                     reason = f"HTTP {r.status_code}"
                     wait = _retry_after(r.headers.get("Retry-After"))
@@ -201,7 +235,9 @@ class Judge:
                         raise JudgeError(_redact(key, f"HTTP {r.status_code}: Retry-After {wait:g} s "
                                                       f"is over judge_backoff_max={self.backoff_max:g}"))
                 else:  # 400, 401, 403, 404: asking again will not help
-                    raise JudgeError(_redact(key, f"HTTP {r.status_code}: {r.text[:300]}"))
+                    text = _redact(key, f"HTTP {r.status_code} from {self.url}: {raw[:300].decode(errors='replace')}")
+                    # a rejected key or an unknown model or URL fails every request alike
+                    raise (JudgeFatal if r.status_code in (401, 403, 404) else JudgeError)(text)
             if attempt == self.retries:
                 break
             # exponential backoff with jitter (so many workers do not retry in lockstep),
@@ -210,6 +246,12 @@ class Judge:
             time.sleep(wait if wait is not None else random.uniform(d / 2, d))
         raise JudgeError(f"{reason}; gave up after {self.retries + 1} attempts")
 
+
+
+def _is_reply(x):
+    """The shape chat() returns and caches; anything else is asked again."""
+    return (isinstance(x, dict) and isinstance(x.get("content"), str) and isinstance(x.get("usage"), dict)
+            and isinstance(x.get("reasoning", ""), str))
 
 
 def _redact(key, text):
@@ -248,10 +290,17 @@ DEFAULTS = dict(
     judge_key_env="",  # the NAME of the environment variable holding the API key
     judge_workers=16, judge_timeout=300.0, judge_retries=6, judge_reasks=2, judge_backoff_max=60.0,
     judge_extra={},  # passed through in the body: {'reasoning_effort': 'low', ...}
+    judge_max_tokens=8192,  # reply cap, sent as max_completion_tokens (0: none; judge_extra may name its own)
+    judge_max_reply_bytes=1_000_000,  # a larger reply body is a failure, never re-asked or cached
+    judge_max_fail_frac=0.5,  # train.py stops when more of a step's stories than this could not be scored
     judge_price_in=0.0, judge_price_out=0.0,  # dollars per million tokens
     judge_cache="out/judge_cache",  # '' to disable
     length_weight=25.0,  # reward = SQ - length_weight * (1 - length score)
 )
+# the allowed values of the judge settings, checked by every script that takes them
+RANGES = dict(judge_workers=">= 1", judge_timeout="> 0", judge_retries=">= 0", judge_reasks=">= 0",
+              judge_backoff_max=">= 0", judge_max_tokens=">= 0", judge_max_reply_bytes=">= 1",
+              judge_max_fail_frac="[0, 1]", judge_price_in=">= 0", judge_price_out=">= 0", length_weight=">= 0")
 
 
 def judge_from_config(c, cache_dir=None):
@@ -259,11 +308,12 @@ def judge_from_config(c, cache_dir=None):
     return Judge(c["judge_url"], c["judge_model"], key_env=c["judge_key_env"], workers=c["judge_workers"],
                  timeout=c["judge_timeout"], retries=c["judge_retries"], reasks=c["judge_reasks"],
                  extra=c["judge_extra"], price_in=c["judge_price_in"], price_out=c["judge_price_out"],
-                 cache_dir=cache_dir, length_weight=c["length_weight"], backoff_max=c["judge_backoff_max"])
+                 cache_dir=cache_dir, length_weight=c["length_weight"], backoff_max=c["judge_backoff_max"],
+                 max_tokens=c["judge_max_tokens"], max_reply_bytes=c["judge_max_reply_bytes"])
 
 
 if __name__ == "__main__":
-    from configurator import configure
+    from configurator import check_ranges, configure
     if len(sys.argv) < 2 or sys.argv[1] not in ("serve", "score"):
         sys.exit(__doc__)
     command = sys.argv[1]
@@ -275,6 +325,7 @@ if __name__ == "__main__":
         **DEFAULTS,
     )
     configure(c, sys.argv[2:])
+    check_ranges(c, RANGES)
     if command == "serve":
         from local_judge import serve_local
         server, url = serve_local(c["port"], latency=c["latency"])
@@ -285,7 +336,7 @@ if __name__ == "__main__":
             server.shutdown()
         sys.exit(0)
     try:
-        rows = rubric.load_rows(c["data"], max_words=None, allow_empty=True)
+        rows = rubric.load_rows(c["data"], max_words=None, allow_empty=True, special_tokens=())  # generations
         judge = judge_from_config(c, cache_dir=c["judge_cache"] or None)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
@@ -298,6 +349,9 @@ if __name__ == "__main__":
             f.write(json.dumps(dict(row, **res)) + "\n")
     os.replace(tmp, c["out"])  # never a half-written output file
     sqs = [r["sq"] for r in results if not math.isnan(r["sq"])]
-    print(f"{used['n']} stories | mean SQ {sum(sqs) / max(1, len(sqs)):.1f} | failures {used['failures']} | "
+    print(f"{used['n']} stories | mean SQ {f'{sum(sqs) / len(sqs):.1f}' if sqs else 'n/a'} | failures {used['failures']} | "
           f"tokens {used['tokens_in']} in, {used['tokens_out']} out | cost ${used['cost']:.4f} | "
           f"cache hits {used['cached']} | wrote {c['out']}")
+    if not sqs:  # a judge that scored nothing is an error, whatever the reasons
+        reasons = collections.Counter(r["error"] for r in results if r["error"])
+        sys.exit("error: no story was scored: " + "; ".join(f"{n} x {e}" for e, n in reasons.most_common(5)))

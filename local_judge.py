@@ -113,25 +113,39 @@ def heuristic_scores(premise, story):
     return {k: (None if v is None else _clip(v)) for k, v in s.items()}
 
 
-_STORY = re.compile(r"<<<STORY( [AB]|) (\w+)>>>\n(.*?)\n<<<END STORY\1 \2>>>", re.S)
+def _story(text, label=""):
+    """The text between the story markers that carry the request's own token, or None. The token
+    is read from the last end marker: every prompt puts its fixed instructions after the story,
+    and no story can contain the token (rubric.boundary_token), so whatever a story says, even
+    fake markers, stays inside it."""
+    ends = re.findall(r"<<<END STORY(?: [AB])? (\w+)>>>", text)
+    if not ends:
+        return None
+    start, end = f"<<<STORY{label} {ends[-1]}>>>\n", f"\n<<<END STORY{label} {ends[-1]}>>>"
+    i = text.find(start)
+    j = text.find(end, i + len(start)) if i >= 0 else -1
+    return text[i + len(start): j] if j >= 0 else None
 
 
 def local_reply(text):
-    """The local judge's answer to one user message, in the format a real judge is asked for."""
+    """The local judge's answer to the first user message of a request, in the format a real
+    judge is asked for. The kind of answer follows the request's structure, never the story's
+    words: two stories A and B -> a pairwise verdict; rubric.judge_messages' opening -> scores;
+    one story otherwise (data/prepare.py) -> a premise; no markers -> the whole message scored."""
     premise = (re.search(r"asked: (.*)", text) or re.search(r"(.*)", text)).group(1)
-    stories = {label.strip() or "S": body for label, _, body in _STORY.findall(text)}
-    if "A" in stories and "B" in stories:
-        a, b = (heuristic_scores(premise, stories[k]) for k in "AB")
-        pick = {n: "A" if a[n] >= b[n] else "B" for n in rubric.POSITIVE}
-        pick["Overall"] = "A" if rubric.story_quality(a) >= rubric.story_quality(b) else "B"
+    a, b, one = _story(text, " A"), _story(text, " B"), _story(text)
+    fmt = lambda v: "N/A" if v is None else f"{v:g}"
+    if a is not None and b is not None:
+        sa, sb = heuristic_scores(premise, a), heuristic_scores(premise, b)
+        pick = {n: "A" if sa[n] >= sb[n] else "B" for n in rubric.POSITIVE}
+        pick["Overall"] = "A" if rubric.story_quality(sa) >= rubric.story_quality(sb) else "B"
         return "Analysis: compared by text statistics (polaris local judge).\n\n" + \
             "\n".join(f"{n}: {pick[n]}" for n in rubric.PAIR_CRITERIA)
-    if "reply with its premise" in text:  # data/prepare.py: the story's opening words stand in
-        opening = " ".join(stories.get("S", text).split()[:12]).rstrip(".,;:")
+    if one is not None and not text.startswith(rubric.JUDGE_OPENING):
+        # data/prepare.py's premise request: the story's opening words stand in for a premise
+        opening = " ".join(one.split()[:12]).rstrip(".,;:")
         return f"Premise: the events that follow the opening words {opening}"
-    # a plain chat request without markers is scored as if the whole message were the story
-    s = heuristic_scores(premise, stories.get("S", text))
-    fmt = lambda v: "N/A" if v is None else f"{v:g}"
+    s = heuristic_scores(premise, text if one is None else one)
     return "Analysis: scored by text statistics (polaris local judge).\n\n" + \
         "\n".join(f"{n}: {fmt(s[n])}" for n in rubric.NAMES)
 
@@ -145,7 +159,9 @@ class _LocalHandler(BaseHTTPRequestHandler):
             return self._send(404, {"error": {"message": f"no route {self.path}"}})
         try:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-            text = body["messages"][-1]["content"]
+            # the first user message holds the story: a re-ask appended after it is answered
+            # for the original story, never scored as if it were one
+            text = next(m["content"] for m in body["messages"] if m["role"] == "user")
             assert isinstance(text, str)
         except Exception:
             return self._send(400, {"error": {"message": "expected a chat completion request"}})

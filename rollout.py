@@ -8,6 +8,8 @@ next-token predictions are trained. Masks are always built from lengths, never b
 token ids with pad or eos: the pad token may be the eos token.
 """
 import json
+import os
+import shutil
 
 import torch
 from transformers import LogitsProcessor
@@ -76,6 +78,11 @@ class PresencePenalty(LogitsProcessor):
     def __call__(self, input_ids, scores):
         seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, input_ids[:, self.prompt_len:], True)
         return scores - self.penalty * seen.to(scores.dtype)
+
+
+# the allowed values of the sampling settings that train.py and eval.py share (configurator.check_ranges)
+SAMPLING_RANGES = dict(max_new_tokens=">= 1", temperature="> 0", top_p="(0, 1]", top_k=">= 0",
+                       repetition_penalty="> 0", presence_penalty="[-2, 2]")
 
 
 def check_sampling(repetition_penalty, presence_penalty):
@@ -236,20 +243,106 @@ def grpo_loss(logp, old_logp, adv, mask, loss_norm, denom, eps_low=0.2, eps_high
 # memory plan and the tiny model
 
 
-def memory_plan(n_params, world_size, param_bytes):
-    """Per-GPU bytes: weights and gradients replicated, AdamW's fp32 master weights and two
-    moments (12 bytes a parameter) split over the ranks. Activations come on top."""
-    return dict(weights=n_params * param_bytes, grads=n_params * param_bytes,
-                optimizer=12 * n_params / world_size)
+def memory_plan(n_params, world_size, param_bytes, n_trainable=None):
+    """Per-GPU bytes: weights replicated; gradients for the trainable parameters only; AdamW's
+    fp32 master weights and two moments (12 bytes a trainable parameter) split over the ranks.
+    Frozen parameters (the 9B's vision tower) count as weights only. Activations come on top."""
+    n_trainable = n_params if n_trainable is None else n_trainable
+    return dict(weights=n_params * param_bytes, grads=n_trainable * param_bytes,
+                optimizer=12 * n_trainable / world_size)
 
 
-CHAT_TEMPLATE = (  # Qwen-style: an assistant turn always carries its (possibly empty) think block
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
-    "{% if m.role == 'assistant' %}<think>\n{{ (m.reasoning_content or '') | trim }}\n</think>\n\n{% endif %}"
-    "{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
-    "{% else %}<think>\n{% endif %}{% endif %}")
+# -----------------------------------------------------------------------------
+# the policy's class and checkpoints in the base's own format
+
+# the model card's sampling for long stories, written into every checkpoint's generation_config
+CARD_SAMPLING = dict(do_sample=True, temperature=0.6, top_p=0.95, top_k=20)
+
+
+def policy_class(config):
+    """The class the checkpoint names. The hub's Qwen3.5-9B is Qwen3_5ForConditionalGeneration
+    (a vision-language model): loading it as such keeps every tensor name of the base, so that
+    checkpoints are written in exactly its format; freeze_vision keeps its vision tower out of
+    training. A config that names no class (a bare text config) gets its causal-LM class."""
+    import transformers
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    return getattr(transformers, arch, None) or transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+
+def freeze_vision(model):
+    """Stories are text: the vision tower gets no gradients and no optimizer state."""
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    if visual is not None:
+        visual.requires_grad_(False)
+
+
+def save_like_base(model, base_dir, out_dir):
+    """Write `model` in the exact format of the checkpoint folder `base_dir`: every file of the
+    base is copied, and in its safetensors shards each trained tensor is swapped in, cast to the
+    base's dtype. Everything else (the frozen vision tower, the mtp head that transformers skips
+    on load) stays byte for byte the base's, with the same names, shapes, shards and index, so a
+    checkpoint loads and serves exactly like the base. Its generation_config samples with the
+    model card's settings: servers that read it (transformers serve) decode greedily otherwise."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    placed = set()
+    os.makedirs(out_dir, exist_ok=True)
+    for f in sorted(os.listdir(base_dir)):
+        src, dst = os.path.join(base_dir, f), os.path.join(out_dir, f)
+        if not os.path.isfile(src) or f == "state.pt" or f.startswith("optim_rank"):
+            continue  # a resumed base's training state is not part of the model
+        if not f.endswith(".safetensors"):
+            shutil.copy(src, dst)  # config, index, tokenizer, chat template, processor configs, ...
+            continue
+        tensors = {}
+        with safe_open(src, "pt") as sf:
+            for k in sf.keys():
+                t = sf.get_tensor(k)
+                # a text-only class names 'model.language_model.X' of the hub's files 'model.X'
+                name = next((n for n in (k, k.replace("model.language_model.", "model.", 1)) if n in trained), None)
+                if name:
+                    t = trained[name].detach().to("cpu", t.dtype).clone()
+                    placed.add(name)
+                tensors[k] = t
+            save_file(tensors, dst, metadata=sf.metadata())
+    if set(trained) - placed:
+        raise RuntimeError(f"{base_dir} has no tensor for {sorted(set(trained) - placed)[:3]}: not the base of this model")
+    path = os.path.join(out_dir, "generation_config.json")
+    gen = json.load(open(path)) if os.path.exists(path) else {}
+    with open(path, "w") as fh:
+        json.dump(dict(gen, **CARD_SAMPLING), fh, indent=2)
+
+
+# Qwen3.5's chat format, as its published template renders a conversation: a user turn; an
+# assistant turn after the last user turn with its thinking block (empty when there was none;
+# text before </think> in the content is moved into it); the generation prompt, which ends in
+# '<think>\n' with thinking on and in an empty, closed block with thinking off.
+CHAT_TEMPLATE = """{%- set ns = namespace(last_user=-1) %}
+{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}
+{%- for m in messages %}
+{%- if m.role == 'assistant' %}
+{%- set content = m.content %}
+{%- set reasoning = m.reasoning_content if m.reasoning_content is string else '' %}
+{%- if m.reasoning_content is not string and '</think>' in content %}
+{%- set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+{%- set content = content.split('</think>')[-1].lstrip('\n') %}
+{%- endif %}
+{%- if loop.index0 > ns.last_user %}
+{{- '<|im_start|>assistant\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+{%- else %}
+{{- '<|im_start|>assistant\n' + content }}
+{%- endif %}
+{{- '<|im_end|>\n' }}
+{%- else %}
+{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}
+{%- else %}{{- '<think>\n' }}{%- endif %}
+{%- endif %}"""
 
 
 def build_tiny(data_files, vocab_size=1024, hidden=64, layers=4, seed=0):

@@ -120,12 +120,15 @@ def _story_block(story, token, label=""):
     return f"<<<STORY{label} {token}>>>\n{story}\n<<<END STORY{label} {token}>>>"
 
 
+JUDGE_OPENING = "Score the story below on the Story Quality rubric."
+
+
 def judge_messages(prompt, target_words, story):
     token = boundary_token(prompt, story)
     rubric = "\n".join(f"- {n}: {d}" for n, s, d in DIMENSIONS if s > 0)
     negative = "\n".join(f"- {n}: {d}" for n, s, d in DIMENSIONS if s < 0)
     lines = "\n".join(f"{n}: <0-10 or N/A>" for n in NAMES)
-    user = f"""Score the story below on the Story Quality rubric.
+    user = f"""{JUDGE_OPENING}
 
 The writer was asked: {prompt}
 Requested length: {target_words} words. Length is measured separately: do not score it.
@@ -247,14 +250,19 @@ def parse_pairwise(text):
 # data: one JSON object per line, {"id", "prompt", "target_words", "story"}
 
 MAX_REF_WORDS = 4000  # the paper's references are at most 4,000 words
+# Qwen's chat-format tokens. A text holding one cannot be rendered faithfully: Qwen3.5's template
+# moves whatever precedes </think> out of the answer, so such a story cannot be teacher-forced.
+CHAT_MARKERS = ("<think>", "</think>", "<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
-def _row_problem(row, max_words, allow_empty):
+def _row_problem(row, max_words, allow_empty, special_tokens):
     if not isinstance(row, dict):
         return "not a JSON object"
     missing = [k for k in ("id", "prompt", "target_words", "story") if k not in row]
     if missing:
         return "missing field " + ", ".join(repr(k) for k in missing)
+    if isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):
+        return f"id must be a string or an integer, got {row['id']!r}"
     if not isinstance(row["prompt"], str) or not row["prompt"].strip():
         return "empty prompt"
     t = row["target_words"]
@@ -266,23 +274,32 @@ def _row_problem(row, max_words, allow_empty):
         return "empty story"
     if max_words and count_words(row["story"]) > max_words:
         return f"story has {count_words(row['story'])} words, over max_ref_words={max_words}"
+    for field in ("prompt", "story"):
+        token = next((t for t in special_tokens if t in row[field]), None)
+        if token:
+            return f"{field} contains the special token {token!r} of the chat format"
     return None
 
 
-def load_rows(path, max_words=MAX_REF_WORDS, allow_empty=False, skip_bad=False):
+def load_rows(path, max_words=MAX_REF_WORDS, allow_empty=False, skip_bad=False, special_tokens=CHAT_MARKERS):
     """Read and validate a JSONL file. Every bad row is named as path:line and reason; by
-    default any bad row raises ValueError (skip_bad=True prints them and drops the rows)."""
+    default any bad row raises ValueError (skip_bad=True prints them and drops the rows).
+    special_tokens: strings no prompt or story may contain (train.py adds its tokenizer's)."""
     rows, bad, seen = [], [], set()
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 is named, not the file
+        for i, raw in enumerate(f, 1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 row = json.loads(line)
+            except UnicodeDecodeError as e:
+                bad.append(f"{path}:{i}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})")
+                continue
             except json.JSONDecodeError as e:
                 bad.append(f"{path}:{i}: invalid JSON ({e.msg})")
                 continue
-            problem = _row_problem(row, max_words, allow_empty)
+            problem = _row_problem(row, max_words, allow_empty, special_tokens)
             if problem is None and row["id"] in seen:
                 problem = f"duplicate id {row['id']!r}"
             if problem:

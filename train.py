@@ -30,7 +30,9 @@ The algorithm's choices, in the order they happen each step:
    AdamW: each parameter has one owner rank that keeps its fp32 master copy and moments,
    updates it and broadcasts it. A step whose gradient is not finite is skipped.
 """
+import collections
 import glob
+import hashlib
 import json
 import math
 import os
@@ -47,7 +49,7 @@ from tqdm import tqdm
 import judge as judge_lib
 import rollout
 import rubric
-from configurator import configure
+from configurator import check_ranges, configure
 
 # -----------------------------------------------------------------------------
 # default config: the paper run (config/polaris.py repeats it with the reasons)
@@ -107,6 +109,9 @@ judge_retries = 6  # on 429, 5xx, timeouts, connection errors
 judge_reasks = 2  # when a reply does not parse
 judge_backoff_max = 60.0
 judge_extra = {"reasoning_effort": "low"}  # passed through in the request body
+judge_max_tokens = 8192  # reply cap, sent as max_completion_tokens (0: none)
+judge_max_reply_bytes = 1_000_000  # a larger reply is a failure: never parsed, re-asked or cached
+judge_max_fail_frac = 0.5  # stop the run when more of a step's stories than this could not be scored
 judge_price_in, judge_price_out = 0.50, 3.00  # dollars per million tokens
 length_weight = 25.0
 # -----------------------------------------------------------------------------
@@ -122,7 +127,13 @@ def fail(msg):
     sys.exit(f"error: {msg}")
 
 
-# --- validate everything that can be checked before a model is loaded
+# --- validate everything that can be checked before a model is loaded or a file is written
+check_ranges(config, dict(
+    rollout.SAMPLING_RANGES, **judge_lib.RANGES, learning_rate="> 0", max_steps=">= 1", save_interval=">= 1",
+    keep_last=">= 1", warmup_steps=">= 0", batch_groups=">= 1", max_ref_words=">= 1", weight_decay=">= 0",
+    beta1="[0, 1)", beta2="[0, 1)", grad_clip=">= 0", micro_batch_size=">= 1", logprob_chunk=">= 1",
+    bucket_numel=">= 1", epsilon="> 0", epsilon_high="> 0", kl_coef=">= 0", num_iterations=">= 1",
+    device_memory_gb=">= 0"))
 try:
     rollout.check_sampling(repetition_penalty, presence_penalty)
 except ValueError as e:
@@ -136,22 +147,43 @@ for key, allowed in (("loss_norm", ("token", "seq", "constant")), ("scale_reward
                      ("dtype", ("float32", "bfloat16"))):
     if config[key] not in allowed:
         fail(f"{key}={config[key]!r} must be one of {allowed}")
-if num_iterations < 1:
-    fail(f"num_iterations={num_iterations} must be at least 1")
 try:
     ref_fixed = None if ref_reward == "judge" else float(ref_reward)
 except ValueError:
     fail(f"ref_reward={ref_reward!r} must be 'judge' or a number")
-try:
-    rows = rubric.load_rows(train_data, max_words=max_ref_words)
-    judge = judge_lib.judge_from_config(config, cache_dir=os.path.join(out_dir, "judge_cache"))
-except FileNotFoundError as e:
-    fail(f"train_data: {e}")
-except ValueError as e:
-    fail(str(e))
+# out_dir: a new run never mixes into an old one; a resumed run continues exactly what it was
 ckpts = sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))
 if resume and not ckpts:
     fail(f"--resume=True but no checkpoint in {out_dir}")
+if not resume and (ckpts or any(os.path.exists(os.path.join(out_dir, f)) for f in ("metrics.jsonl", "rollouts.jsonl"))):
+    fail(f"out_dir={out_dir} already holds a run (checkpoints or metrics): use --resume=True or another out_dir")
+load_from = ckpts[-1] if resume else init_from
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+tok = None  # the tiny run builds its tokenizer with its model; any other is read now, before the weights
+try:
+    if init_from != "tiny" or resume:
+        tok = AutoTokenizer.from_pretrained(load_from)
+    specials = set(rubric.CHAT_MARKERS) | set(tok.all_special_tokens if tok else ())
+    rows = rubric.load_rows(train_data, max_words=max_ref_words, special_tokens=sorted(specials))
+    data_sha = hashlib.sha256(open(train_data, "rb").read()).hexdigest()
+    judge = judge_lib.judge_from_config(config, cache_dir=os.path.join(out_dir, "judge_cache"))
+except FileNotFoundError as e:
+    fail(f"train_data: {e}")
+except (OSError, ValueError) as e:
+    fail(str(e))
+if resume:  # on every rank, from the checkpoint itself: settings that decide the data order or the batch
+    state = torch.load(os.path.join(load_from, "state.pt"), weights_only=False)
+    was = dict(state["config"], world_size=state["world_size"], train_data_sha256=state["data_sha256"])
+    now = dict(config, world_size=ddp_world_size, train_data_sha256=data_sha)
+    changed = [f"{k} {was[k]!r} -> {now[k]!r}" for k in ("batch_groups", "group_size", "n_ref", "seed", "world_size",
+                                                          "train_data_sha256") if was[k] != now[k]]
+    if changed:
+        fail(f"--resume=True: {load_from} was written with other settings that decide the data order or the batch: "
+             + "; ".join(changed) + ". Resume with the same ones, or start another out_dir")
+# one real judge call before any model work: a rejected key or a wrong URL or model stops here
+probe = judge.submit(rows[0]["prompt"], rows[0]["target_words"], rows[0]["story"]).result()
+if probe["fatal"]:
+    fail(f"the judge cannot be used: {probe['error']}")
 
 # -----------------------------------------------------------------------------
 # distributed set-up: about fifteen lines, no wrapper
@@ -175,25 +207,34 @@ def barrier():
 
 
 # -----------------------------------------------------------------------------
-# model: the memory plan first, from the config alone, so a run that cannot fit stops early
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-load_from = ckpts[-1] if resume else init_from
-
+# model: the memory plan first, from the config alone, so a run that cannot fit stops early.
+# Checkpoints are written in the format of base_dir, the folder the run started from.
+if init_from == "tiny":
+    base_dir = os.path.join(out_dir, "base")
+elif os.path.isdir(init_from):
+    base_dir = init_from
+else:  # a hub id: the local copy that from_pretrained would read (downloaded once, then cached)
+    from huggingface_hub import snapshot_download
+    base_dir = snapshot_download(init_from)
 if init_from == "tiny" and not resume:
-    base, tok = rollout.build_tiny([train_data], tiny_vocab, tiny_hidden, tiny_layers, seed)
-    n_params = sum(p.numel() for p in base.parameters())
+    model, tok = rollout.build_tiny([train_data], tiny_vocab, tiny_hidden, tiny_layers, seed)
+    n_params = n_trainable = sum(p.numel() for p in model.parameters())
 else:
     try:
         model_config = AutoConfig.from_pretrained(load_from)
     except (OSError, ValueError) as e:
         fail(f"init_from={load_from!r}: {e}")
+    policy_cls = rollout.policy_class(model_config)  # Qwen3_5ForConditionalGeneration for the hub's 9B
     with torch.device("meta"):  # count parameters without allocating them
-        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config).parameters())
-plan = rollout.memory_plan(n_params, ddp_world_size, ptdtype.itemsize)
+        skeleton = policy_cls._from_config(model_config)
+    rollout.freeze_vision(skeleton)
+    n_params = sum(p.numel() for p in skeleton.parameters())
+    n_trainable = sum(p.numel() for p in skeleton.parameters() if p.requires_grad)
+plan = rollout.memory_plan(n_params, ddp_world_size, ptdtype.itemsize, n_trainable)
 budget = device_memory_gb * 1e9 or (torch.cuda.get_device_properties(device).total_memory if "cuda" in device else 0)
 if master_process:
-    print(f"memory plan per rank: {n_params / 1e6:,.1f}M params | weights {plan['weights'] / 1e9:.2f} GB + grads "
+    frozen = f" ({(n_params - n_trainable) / 1e6:,.1f}M frozen: weights only)" if n_params > n_trainable else ""
+    print(f"memory plan per rank: {n_params / 1e6:,.1f}M params{frozen} | weights {plan['weights'] / 1e9:.2f} GB + grads "
           f"{plan['grads'] / 1e9:.2f} GB + AdamW shard {plan['optimizer'] / 1e9:.2f} GB = {sum(plan.values()) / 1e9:.2f} GB"
           + (f" of {budget / 1e9:.0f} GB" if budget else " (no device limit on CPU)") + ", activations on top")
 if budget and sum(plan.values()) > 0.9 * budget:
@@ -201,20 +242,19 @@ if budget and sum(plan.values()) > 0.9 * budget:
          "use more ranks or a smaller model")
 
 if init_from == "tiny" and not resume:
-    model = base
-    if master_process:  # keep the tiny base model: evaluation compares against it
-        base.save_pretrained(os.path.join(out_dir, "base"))
-        tok.save_pretrained(os.path.join(out_dir, "base"))
+    if master_process:  # the tiny run's base model: its checkpoints' format, and evaluation's baseline
+        model.save_pretrained(base_dir)
+        tok.save_pretrained(base_dir)
 else:
-    model = AutoModelForCausalLM.from_pretrained(load_from, dtype=ptdtype)
-    tok = AutoTokenizer.from_pretrained(load_from)
+    model = policy_cls.from_pretrained(load_from, dtype=ptdtype)
+    rollout.freeze_vision(model)
 model.to(device=device, dtype=ptdtype)
 if gradient_checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+barrier()  # the tiny base is on disk before any rank reads it
 ref_model = None
 if kl_coef:  # a frozen copy of the initial policy, loaded only when the KL term is on
-    ref_model = (rollout.build_tiny([train_data], tiny_vocab, tiny_hidden, tiny_layers, seed)[0] if init_from == "tiny"
-                 else AutoModelForCausalLM.from_pretrained(init_from, dtype=ptdtype))
+    ref_model = rollout.policy_class(AutoConfig.from_pretrained(base_dir)).from_pretrained(base_dir, dtype=ptdtype)
     ref_model.to(device=device, dtype=ptdtype).eval().requires_grad_(False)
 eos = rollout.eos_ids(model, tok)
 
@@ -234,19 +274,23 @@ start_step = 0
 if resume:
     # our own file, so weights_only=False is safe: it also holds numpy's RNG state
     shard = torch.load(os.path.join(load_from, f"optim_rank{ddp_rank}.pt"), map_location=device, weights_only=False)
-    if shard["world_size"] != ddp_world_size:
-        fail(f"{load_from} was written by {shard['world_size']} ranks; resume with the same number")
     master_w, exp_avg, exp_avg_sq, adam_t = shard["master"], shard["exp_avg"], shard["exp_avg_sq"], shard["adam_t"]
     random.setstate(shard["rng"]["python"])
     np.random.set_state(shard["rng"]["numpy"])
     torch.set_rng_state(shard["rng"]["torch"].cpu())
-    start_step = torch.load(os.path.join(load_from, "state.pt"), weights_only=False)["step"]
+    start_step = state["step"]
     if master_process:
         print(f"resuming from {load_from} at step {start_step}")
-        for name in ("metrics.jsonl", "rollouts.jsonl"):  # drop log rows written after the checkpoint
+        for name in ("metrics.jsonl", "rollouts.jsonl"):  # drop rows written after the checkpoint
             path = os.path.join(out_dir, name)
             if os.path.exists(path):
-                keep = [l for l in open(path) if json.loads(l)["step"] < start_step]
+                keep = []
+                for line in open(path, encoding="utf-8", errors="replace"):
+                    try:
+                        if json.loads(line)["step"] < start_step:
+                            keep.append(line if line.endswith("\n") else line + "\n")
+                    except ValueError:
+                        pass  # the half-written last line of a run killed during the append
                 open(path + ".tmp", "w").writelines(keep)
                 os.replace(path + ".tmp", path)
 
@@ -290,8 +334,8 @@ def adamw_step(lr, clip_coef):
 
 
 def save_checkpoint(step):
-    """A save_pretrained folder plus each rank's optimizer shard, written under a temporary
-    name and renamed when complete; the newest keep_last are kept."""
+    """The model in the base's format (rollout.save_like_base) plus each rank's optimizer shard,
+    written under a temporary name and renamed when complete; the newest keep_last are kept."""
     final = os.path.join(out_dir, f"ckpt_{step:06d}")
     tmp = os.path.join(out_dir, f".tmp_ckpt_{step:06d}")
     if master_process:
@@ -303,9 +347,10 @@ def save_checkpoint(step):
                     world_size=ddp_world_size), os.path.join(tmp, f"optim_rank{ddp_rank}.pt"))
     barrier()
     if master_process:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        torch.save(dict(step=step, data_pos=step * batch_groups, config=config), os.path.join(tmp, "state.pt"))
+        rollout.save_like_base(model, base_dir, tmp)  # the base's own format, trained tensors swapped in
+        # what resume checks: the settings and data that decide each step's batch
+        torch.save(dict(step=step, config=config, world_size=ddp_world_size, data_sha256=data_sha),
+                   os.path.join(tmp, "state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))[:-keep_last]:
@@ -356,20 +401,39 @@ for step in range(start_step, max_steps):
                                 truncated=False, in_thinking=False, thinking=""))
         for s in samples:
             if s["is_ref"] and ref_fixed is not None:
-                s["judged"] = dict(reward=ref_fixed, sq=math.nan, ratio=1.0, scores=None, error=None,
+                s["judged"] = dict(reward=ref_fixed, sq=math.nan, ratio=1.0, scores=None, error=None, fatal=False,
                                    tokens_in=0, tokens_out=0, cost=0.0, cached=0)
             else:
                 s["future"] = judge.submit(row["prompt"], row["target_words"], s["story"])
         groups.append((gid, row, samples))
     t_gen = time.time() - t0
 
-    # --- wait for the judge, then rewards and group advantages
+    # --- wait for the judge; a judge that cannot score stops the run before the update
     t1 = time.time()
-    zero_std = 0
+    asked, reasons, fatal = 0, collections.Counter(), 0
     for gid, row, samples in groups:
         for s in samples:
             if "future" in s:
-                s["judged"] = s.pop("future").result()
+                s["judged"] = j = s.pop("future").result()
+                asked, fatal = asked + 1, fatal + j["fatal"]
+                reasons.update([j["error"]] if j["error"] else [])
+    health = torch.tensor([asked, sum(reasons.values()), fatal], dtype=torch.float64)
+    if ddp:
+        dist.all_reduce(health)  # stories asked, failed, failed for good: every rank decides alike
+    if health[2] or health[1] > judge_max_fail_frac * health[0]:
+        if ddp:
+            parts = [None] * ddp_world_size
+            dist.all_gather_object(parts, reasons)
+            reasons = sum(parts, collections.Counter())
+        judge.pool.shutdown(wait=False, cancel_futures=True)
+        why = "a judge failure that no retry can fix" if health[2] else \
+            f"{health[1]:.0f} of {health[0]:.0f} stories could not be scored (judge_max_fail_frac={judge_max_fail_frac})"
+        fail(f"step {step + 1}: {why}; stopped before the update and checkpoint. Reasons: "
+             + "; ".join(f"{n} x {e}" for e, n in reasons.most_common(5)))
+
+    # --- rewards and group advantages
+    zero_std = 0
+    for gid, row, samples in groups:
         R = torch.tensor([s["judged"]["reward"] for s in samples], dtype=torch.float64)
         A, flat = rollout.group_advantages(R, scale_rewards)
         zero_std += flat
