@@ -110,10 +110,13 @@ def bradley_terry(battles, models, anchor=None, ridge=1e-6):
 # files
 
 
-def read_jsonl(path):
+def read_jsonl(path, must_exist=False):
     """Complete rows of a JSONL file; an interrupted writer's half line at the end is dropped
-    (and removed from the file, so appending continues cleanly). Missing file: []."""
+    (and removed from the file, so appending continues cleanly). Missing file: [] for an
+    output being resumed, an error for an input the user named (must_exist=True)."""
     if not os.path.exists(path):
+        if must_exist:
+            raise ValueError(f"{path}: no such file")
         return []
     lines = open(path, encoding="utf-8").read().split("\n")
     rows = []
@@ -132,6 +135,23 @@ def read_jsonl(path):
     return rows
 
 
+def read_pairs(paths, must_exist=True):
+    """Rows of comma-separated pairs files, each checked: model_a and model_b names, and a winner
+    that is 'a', 'b', 'tie' or null (missing); 'A' and 'B' are read as 'a' and 'b'."""
+    rows = []
+    for path in (p for p in paths.split(",") if p):
+        for k, r in enumerate(read_jsonl(path, must_exist), 1):
+            w = r.get("winner") if isinstance(r, dict) else None
+            w = w.lower() if isinstance(w, str) else w
+            if not isinstance(r, dict) or not all(isinstance(r.get(f), str) and r[f] for f in ("model_a", "model_b")):
+                raise ValueError(f"{path}:{k}: a pairs row needs the names model_a and model_b")
+            if "id" not in r or w not in ("a", "b", "tie", None):
+                raise ValueError(f"{path}:{k}: winner must be one of A, B, tie or null and the row needs an id, "
+                                 f"got {r.get('winner')!r}")
+            rows.append(dict(r, winner=w))
+    return rows
+
+
 def append_jsonl(path, row):
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
@@ -144,7 +164,7 @@ def scores_path(gens):
 def shared_ids(files, allow_intersection):
     """The prompt ids every generation file covers; any gap is an error naming the missing ids
     unless allow_intersection, which compares on the intersection and says how many."""
-    ids = {f: {r["id"] for r in read_jsonl(f)} for f in files}
+    ids = {f: {r["id"] for r in read_jsonl(f, must_exist=True)} for f in files}
     common = set.intersection(*ids.values())
     union = set.union(*ids.values())
     if common != union:
@@ -268,14 +288,15 @@ def format_wins(rows):
 
 
 if __name__ == "__main__":
-    from configurator import configure
+    from configurator import check_ranges, configure
     import judge as judge_lib
+    import rollout
     # task
     task = "generate"  # generate | score | pairwise | elo | report
     prompts = "data/eval/prompts.jsonl"
     out = ""  # generate: the generations file; elo: ratings.json; report: the markdown file
     gens = ""  # comma-separated generation files (score, pairwise, report)
-    pairs = "out/eval/pairs.jsonl"  # pairwise writes it; elo and report read it (comma-separated for several)
+    pairs = _PAIRS = "out/eval/pairs.jsonl"  # pairwise writes it; elo and report read it (comma-separated for several)
     limit = 0  # generate: only the first N prompts (0: all)
     allow_intersection = False  # pairwise: compare on the prompt ids all files share
     max_chars = 0  # pairwise: cut each story to this many characters (0: whole), against length bias
@@ -286,7 +307,8 @@ if __name__ == "__main__":
     name = ""  # the model's name in the tables (default: the folder's or model's name)
     api_url = ""  # '' generates locally with transformers; else an OpenAI-compatible base URL
     api_key_env = ""
-    api_extra = None  # body fields for API generation; None sends max_tokens, temperature and top_p
+    api_extra = {}  # API generation: body fields added to those sent (a field set to None is not sent)
+    gen_cache = "out/eval/gen_cache"  # API generations' replies, apart from the judge's ('' to disable)
     enable_thinking = True
     max_new_tokens = 14336  # the card, for 8-12k-word targets
     temperature = 0.6
@@ -299,6 +321,7 @@ if __name__ == "__main__":
     # judge (config/eval.py: GPT-5.4)
     globals().update(judge_lib.DEFAULTS)  # judge_url, judge_model, judge_key_env, ... (see judge.py)
     c = configure(globals())
+    check_ranges(c, dict(rollout.SAMPLING_RANGES, **judge_lib.RANGES, limit=">= 0", n_boot=">= 1", max_chars=">= 0"))
 
     def fail(msg):
         sys.exit(f"error: {msg}")
@@ -311,7 +334,7 @@ if __name__ == "__main__":
         if task == "generate":
             if not model or not out:
                 fail("--task=generate needs --model and --out")
-            rows = read_jsonl(prompts)
+            rows = read_jsonl(prompts, must_exist=True)
             for k, r in enumerate(rows, 1):
                 t = r.get("target_words")
                 if not r.get("id") or not r.get("prompt") or isinstance(t, bool) or not isinstance(t, int) or t <= 0:
@@ -323,13 +346,20 @@ if __name__ == "__main__":
             print(f"{len(rows) - len(todo)} of {len(rows)} prompts already in {out}; generating {len(todo)} with {label}")
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
             from tqdm import tqdm
-            import rollout
-            if api_url:  # an API model or a vLLM-served checkpoint, through the same HTTP client
+            if api_url:  # an API model or a served checkpoint (vLLM, transformers serve), over HTTP
+                # what a server needs to sample as the card says: the sampling fields, and thinking
+                # on or off for its chat template; --api_extra adds fields or replaces them one by one
+                fields = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k or None,
+                              presence_penalty=presence_penalty or None,
+                              repetition_penalty=None if repetition_penalty == 1.0 else repetition_penalty,
+                              chat_template_kwargs=dict(enable_thinking=enable_thinking), **api_extra)
                 client = judge_lib.Judge(api_url, model, key_env=api_key_env, workers=c["judge_workers"],
-                                         timeout=c["judge_timeout"], retries=c["judge_retries"], cache_dir=c["judge_cache"] or None,
-                                         extra=api_extra if api_extra is not None else
-                                         dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p))
-                futures = [client.pool.submit(client.chat, [dict(role="user", content=r["prompt"])]) for r in todo]
+                                         timeout=c["judge_timeout"], retries=c["judge_retries"], max_tokens=0,
+                                         max_reply_bytes=c["judge_max_reply_bytes"], cache_dir=gen_cache or None,
+                                         extra={k: v for k, v in fields.items() if v is not None})
+                # an empty reply is not cached, so that a later run asks again
+                futures = [client.pool.submit(client.chat, [dict(role="user", content=r["prompt"])], cache_empty=False)
+                           for r in todo]
             else:
                 import torch
                 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -338,6 +368,7 @@ if __name__ == "__main__":
                 lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype) if device == "cuda" else torch.float32).to(device)
                 tok = AutoTokenizer.from_pretrained(model)
                 eos = rollout.eos_ids(lm, tok)
+            empty = []
             for k, r in enumerate(tqdm(todo, desc="generating")):
                 if api_url:
                     try:
@@ -345,27 +376,39 @@ if __name__ == "__main__":
                     except judge_lib.JudgeError as e:
                         print(f"{r['id']}: {e}; left for a later run")
                         continue
-                    thinking, story, _ = rollout.split_thinking(reply["content"], "</think>" in reply["content"], False)
-                    finish = reply["finish_reason"]
+                    finish, content = reply["finish_reason"], reply["content"]
+                    if reply["reasoning"]:  # the server split the thinking out (reasoning_content)
+                        thinking, story = reply["reasoning"].strip(), content.strip()
+                    else:  # a server without a reasoning parser returns the raw text
+                        thinking, story, _ = rollout.split_thinking(
+                            content, "</think>" in content or content.lstrip().startswith("<think>"), False)
                 else:
                     torch.manual_seed(seed + k)
                     s = rollout.sample_group(lm, tok, rollout.render_prompt(tok, r["prompt"], enable_thinking), 1, eos,
                                              max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                                              presence_penalty, enable_thinking)[0]
                     thinking, story, finish = s["thinking"], s["story"], "length" if s["truncated"] else "stop"
+                if not story:  # never written as if it were a finished story
+                    empty.append(f"{r['id']} ({finish}, {rubric.count_words(thinking)} words of thinking)")
+                    continue
                 append_jsonl(out, dict(id=r["id"], prompt=r["prompt"], target_words=r["target_words"],
                                        category=r.get("category", ""), model=label, story=story,
                                        words=rubric.count_words(story), thinking_words=rubric.count_words(thinking),
                                        finish_reason=finish))
             if api_url:
                 client.close()
+            if empty:
+                fail(f"{len(empty)} of {len(todo)} generations came back without a story and were not written: "
+                     + ", ".join(empty[:20]) + (" ..." if len(empty) > 20 else "") + ". A story cut off in its "
+                     "thinking needs a larger max_new_tokens; an empty reply from a server, its reasoning settings. "
+                     "Run again to ask for these again")
 
         elif task == "score":
             if not gen_files:
                 fail("--task=score needs --gens=FILE[,FILE...]")
             judge = judge_lib.judge_from_config(c, cache_dir=c["judge_cache"] or None)
             for f in gen_files:
-                rows = read_jsonl(f)
+                rows = read_jsonl(f, must_exist=True)
                 if not rows:
                     fail(f"{f}: no generations")
                 done = {r["id"] for r in read_jsonl(scores_path(f))}
@@ -385,7 +428,7 @@ if __name__ == "__main__":
             by_file = {f: {r["id"]: r for r in read_jsonl(f)} for f in gen_files}
             label = {f: next(iter(by_file[f].values())).get("model") or os.path.basename(f) for f in gen_files}
             judge = judge_lib.judge_from_config(c, cache_dir=c["judge_cache"] or None)
-            done = {(r["id"], r["model_a"], r["model_b"]) for r in read_jsonl(pairs)}
+            done = {(r["id"], r["model_a"], r["model_b"]) for r in read_pairs(pairs, must_exist=False)}
             cut = lambda t: t[:max_chars] if max_chars else t
             jobs = []
             for fa, fb in combinations(gen_files, 2):
@@ -403,10 +446,10 @@ if __name__ == "__main__":
                 append_jsonl(pairs, dict(id=i, model_a=ma, model_b=mb, winner=dual_verdict(overall(r1), overall(r2)),
                                          first=r1["verdict"], second=r2["verdict"], error=r1["error"] or r2["error"]))
             judge.close()
-            print(format_wins(win_table([r for p in pairs.split(",") for r in read_jsonl(p)], n_boot)))
+            print(format_wins(win_table(read_pairs(pairs), n_boot)))
 
         elif task == "elo":
-            table = elo_table([r for p in pairs.split(",") for r in read_jsonl(p)], name_rating, min(n_boot, 200))
+            table = elo_table(read_pairs(pairs), name_rating, min(n_boot, 200))
             print(format_elo(table))
             if out:
                 with open(out + ".tmp", "w") as f:
@@ -414,7 +457,10 @@ if __name__ == "__main__":
                 os.replace(out + ".tmp", out)
 
         elif task == "report":
-            all_pairs = [r for p in pairs.split(",") for r in read_jsonl(p)]
+            # the default pairs file joins the report if it exists; a pairs file named on the command line must
+            all_pairs = read_pairs(pairs, must_exist=pairs != _PAIRS)
+            for f in gen_files:
+                read_jsonl(f, must_exist=True)
             report = out or "out/eval/report.md"
             parts = ["# POLARIS evaluation", ""]
             if gen_files:

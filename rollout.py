@@ -244,11 +244,12 @@ def grpo_loss(logp, old_logp, adv, mask, loss_norm, denom, eps_low=0.2, eps_high
 
 
 def memory_plan(n_params, world_size, param_bytes, n_trainable=None):
-    """Per-GPU bytes: weights replicated; gradients for the trainable parameters only; AdamW's
-    fp32 master weights and two moments (12 bytes a trainable parameter) split over the ranks.
-    Frozen parameters (the 9B's vision tower) count as weights only. Activations come on top."""
+    """Per-GPU bytes with optim.ShardedAdamW: weights replicated; the fp32 gradient sum (4 bytes)
+    and AdamW's fp32 master weights and two moments (12 bytes) of the trainable parameters split
+    over the ranks. Frozen parameters (the 9B's vision tower) count as weights only. Activations,
+    and the bf16 gradients of the layers backward is working on, come on top."""
     n_trainable = n_params if n_trainable is None else n_trainable
-    return dict(weights=n_params * param_bytes, grads=n_trainable * param_bytes,
+    return dict(weights=n_params * param_bytes, grads=4 * n_trainable / world_size,
                 optimizer=12 * n_trainable / world_size)
 
 

@@ -50,6 +50,7 @@ import judge as judge_lib
 import rollout
 import rubric
 from configurator import check_ranges, configure
+from optim import ShardedAdamW
 
 # -----------------------------------------------------------------------------
 # default config: the paper run (config/polaris.py repeats it with the reasons)
@@ -89,7 +90,7 @@ beta1, beta2 = 0.9, 0.99
 grad_clip = 1.0
 micro_batch_size = 1  # sequences per forward/backward
 logprob_chunk = 1024  # rows of the LM head computed at once
-bucket_numel = 2 ** 26  # gradient elements per all-reduce
+bucket_numel = 2 ** 26  # elements per fp32 piece in the optimizer and its collectives
 seed = 1337
 # rollout
 enable_thinking = True
@@ -180,10 +181,6 @@ if resume:  # on every rank, from the checkpoint itself: settings that decide th
     if changed:
         fail(f"--resume=True: {load_from} was written with other settings that decide the data order or the batch: "
              + "; ".join(changed) + ". Resume with the same ones, or start another out_dir")
-# one real judge call before any model work: a rejected key or a wrong URL or model stops here
-probe = judge.submit(rows[0]["prompt"], rows[0]["target_words"], rows[0]["story"]).result()
-if probe["fatal"]:
-    fail(f"the judge cannot be used: {probe['error']}")
 
 # -----------------------------------------------------------------------------
 # distributed set-up: about fifteen lines, no wrapper
@@ -234,13 +231,17 @@ plan = rollout.memory_plan(n_params, ddp_world_size, ptdtype.itemsize, n_trainab
 budget = device_memory_gb * 1e9 or (torch.cuda.get_device_properties(device).total_memory if "cuda" in device else 0)
 if master_process:
     frozen = f" ({(n_params - n_trainable) / 1e6:,.1f}M frozen: weights only)" if n_params > n_trainable else ""
-    print(f"memory plan per rank: {n_params / 1e6:,.1f}M params{frozen} | weights {plan['weights'] / 1e9:.2f} GB + grads "
+    print(f"memory plan per rank: {n_params / 1e6:,.1f}M params{frozen} | weights {plan['weights'] / 1e9:.2f} GB + fp32 grad shard "
           f"{plan['grads'] / 1e9:.2f} GB + AdamW shard {plan['optimizer'] / 1e9:.2f} GB = {sum(plan.values()) / 1e9:.2f} GB"
           + (f" of {budget / 1e9:.0f} GB" if budget else " (no device limit on CPU)") + ", activations on top")
 if budget and sum(plan.values()) > 0.9 * budget:
     fail(f"the memory plan ({sum(plan.values()) / 1e9:.1f} GB) does not fit in 90% of {budget / 1e9:.0f} GB per device: "
          "use more ranks or a smaller model")
 
+# one real judge call before the weights load: a rejected key, a wrong URL or model stops here
+probe = judge.submit(rows[0]["prompt"], rows[0]["target_words"], rows[0]["story"]).result()
+if probe["fatal"]:
+    fail(f"the judge cannot be used: {probe['error']}")
 if init_from == "tiny" and not resume:
     if master_process:  # the tiny run's base model: its checkpoints' format, and evaluation's baseline
         model.save_pretrained(base_dir)
@@ -259,22 +260,15 @@ if kl_coef:  # a frozen copy of the initial policy, loaded only when the KL term
 eos = rollout.eos_ids(model, tok)
 
 # -----------------------------------------------------------------------------
-# sharded AdamW: each parameter has one owner rank (largest first, to the least loaded rank)
-params = [p for p in model.parameters() if p.requires_grad]
-owner, load = [0] * len(params), [0] * ddp_world_size
-for i in sorted(range(len(params)), key=lambda i: -params[i].numel()):
-    owner[i] = min(range(ddp_world_size), key=load.__getitem__)
-    load[owner[i]] += params[i].numel()
-mine = [i for i in range(len(params)) if owner[i] == ddp_rank]
-master_w = {i: params[i].detach().float().clone() for i in mine}  # fp32 master weights
-exp_avg = {i: torch.zeros_like(master_w[i]) for i in mine}
-exp_avg_sq = {i: torch.zeros_like(master_w[i]) for i in mine}
-adam_t = 0
+# the optimizer: AdamW sharded over the ranks, gradients summed in fp32 at each parameter's
+# owner as backward produces them (ZeRO-2 by hand; optim.py explains it)
+opt = ShardedAdamW([p for p in model.parameters() if p.requires_grad], ddp_world_size, ddp_rank,
+                   (beta1, beta2), weight_decay=weight_decay, piece_numel=bucket_numel)
 start_step = 0
 if resume:
     # our own file, so weights_only=False is safe: it also holds numpy's RNG state
     shard = torch.load(os.path.join(load_from, f"optim_rank{ddp_rank}.pt"), map_location=device, weights_only=False)
-    master_w, exp_avg, exp_avg_sq, adam_t = shard["master"], shard["exp_avg"], shard["exp_avg_sq"], shard["adam_t"]
+    opt.load_state_dict(shard)
     random.setstate(shard["rng"]["python"])
     np.random.set_state(shard["rng"]["numpy"])
     torch.set_rng_state(shard["rng"]["torch"].cpu())
@@ -295,44 +289,6 @@ if resume:
                 os.replace(path + ".tmp", path)
 
 
-def pieces(t):
-    """Flat views of t of at most bucket_numel elements: fp32 temporaries stay small even for
-    the 1B-element embedding of the 9B model (4 GB in fp32)."""
-    return t.view(-1).split(bucket_numel)
-
-
-def all_reduce_grads():
-    """Sum gradients over ranks in flat fp32 buckets (bf16 sums of 4 ranks would lose bits)."""
-    bucket, size = [], 0
-    views = [x for p in params for x in pieces(p.grad)]
-    for k, x in enumerate(views):
-        bucket.append(x)
-        size += x.numel()
-        if size >= bucket_numel or k == len(views) - 1:
-            flat = torch.cat([b.float() for b in bucket])
-            dist.all_reduce(flat)
-            for b, g in zip(bucket, flat.split([b.numel() for b in bucket])):
-                b.copy_(g)
-            bucket, size = [], 0
-
-
-def adamw_step(lr, clip_coef):
-    """AdamW on the parameters this rank owns, then every owner broadcasts its new values."""
-    global adam_t
-    adam_t += 1
-    for i in mine:
-        for g, w, m, v, p in zip(*map(pieces, (params[i].grad, master_w[i], exp_avg[i], exp_avg_sq[i], params[i].data))):
-            g = g.float() * clip_coef
-            m.mul_(beta1).add_(g, alpha=1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v / (1 - beta2 ** adam_t)).sqrt_().add_(1e-8)
-            w.mul_(1 - lr * weight_decay).addcdiv_(m, denom, value=-lr / (1 - beta1 ** adam_t))
-            p.copy_(w)
-    if ddp:  # one broadcast per tensor: simple, and small next to generation time
-        for i, p in enumerate(params):
-            dist.broadcast(p.data, src=owner[i])
-
-
 def save_checkpoint(step):
     """The model in the base's format (rollout.save_like_base) plus each rank's optimizer shard,
     written under a temporary name and renamed when complete; the newest keep_last are kept."""
@@ -343,8 +299,7 @@ def save_checkpoint(step):
         os.makedirs(tmp)
     barrier()
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    torch.save(dict(master=master_w, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, adam_t=adam_t, rng=rng,
-                    world_size=ddp_world_size), os.path.join(tmp, f"optim_rank{ddp_rank}.pt"))
+    torch.save(dict(opt.state_dict(), rng=rng), os.path.join(tmp, f"optim_rank{ddp_rank}.pt"))
     barrier()
     if master_process:
         rollout.save_like_base(model, base_dir, tmp)  # the base's own format, trained tensors swapped in
@@ -481,20 +436,14 @@ for step in range(start_step, max_steps):
                 is_ref = torch.tensor([s["is_ref"] for s in mb], device=device)
                 ref_nll -= (logp.detach() * lm)[is_ref].sum().item()
                 ref_tok += lm[is_ref].sum().item()
-        # --- sync: all-reduce gradients, clip, sharded AdamW
+        # --- update: the global gradient norm, clipping, the sharded AdamW
         t3 = time.time()
-        for p in params:  # a parameter the loss did not reach has a zero gradient, not None
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if ddp:
-            all_reduce_grads()
-        grad_norm = math.sqrt(sum(torch.linalg.vector_norm(x, dtype=torch.float32).item() ** 2
-                                  for p in params for x in pieces(p.grad)))
+        grad_norm = opt.grad_norm()
         if math.isfinite(grad_norm):
-            adamw_step(lr, min(1.0, grad_clip / (grad_norm + 1e-6)) if grad_clip else 1.0)
+            opt.step(lr, min(1.0, grad_clip / (grad_norm + 1e-6)) if grad_clip else 1.0)
         else:
-            skipped += 1  # identical on every rank: the gradients were summed before the check
-        model.zero_grad(set_to_none=True)
+            opt.zero_grad()
+            skipped += 1  # identical on every rank: the norm is of the gradients summed over ranks
         t_sync += time.time() - t3
     t_train = time.time() - t2 - t_sync
 

@@ -1,6 +1,6 @@
 import pytest
 
-from configurator import configure
+from configurator import check_ranges, configure
 
 
 def defaults():
@@ -42,3 +42,16 @@ def test_unknown_key_in_file_names_the_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         configure(defaults(), [str(cfg)])
     assert f"{cfg}:3: unknown key 'learning_rate'" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("value, rule, ok", [
+    (1e-6, "> 0", True), (0.0, "> 0", False), (-0.01, "> 0", False), (0, ">= 0", True), (float("nan"), ">= 0", False),
+    (1.0, "(0, 1]", True), (0.0, "(0, 1]", False), (1.5, "(0, 1]", False), (0.5, "[0, 1)", True), (1.0, "[0, 1)", False),
+])
+def test_ranges(value, rule, ok):
+    if ok:
+        check_ranges({"x": value}, {"x": rule})
+    else:
+        with pytest.raises(SystemExit) as e:
+            check_ranges({"x": value, "y": 3}, {"x": rule, "y": ">= 1"})
+        assert str(e.value) == f"config error: x={value!r} must be {'in ' * (rule[0] in '[(')}{rule}", str(e.value)

@@ -149,5 +149,8 @@ def test_sample_group_stops_at_eos_and_marks_truncation(tiny):
 
 def test_memory_plan_for_the_paper_run():
     plan = rollout.memory_plan(9e9, 4, 2)
-    assert plan["weights"] == 18e9 and plan["grads"] == 18e9 and plan["optimizer"] == 27e9, \
-        "bf16 weights 18 GB + bf16 grads 18 GB + a quarter of 9B x 12 bytes"
+    assert plan["weights"] == 18e9 and plan["grads"] == 9e9 and plan["optimizer"] == 27e9, \
+        "bf16 weights 18 GB + a quarter of the fp32 gradient sum 9 GB + a quarter of 9B x 12 bytes"
+    frozen = rollout.memory_plan(9.4e9, 4, 2, n_trainable=9e9)
+    assert frozen["weights"] == 18.8e9 and frozen["grads"] == 9e9 and frozen["optimizer"] == 27e9, \
+        "a frozen vision tower counts as weights only"

@@ -91,8 +91,7 @@ def test_pairwise_parse():
 
 
 def _story_in_prompt(messages):
-    m = local_judge._STORY.search(messages[-1]["content"])
-    return m.group(3) if m else None
+    return local_judge._story(messages[-1]["content"])
 
 
 def test_injection_cannot_escape_markers():
@@ -135,6 +134,25 @@ def test_load_rows_names_every_bad_line(tmp_path):
         assert reported and why in reported[0], f"line {line} ({why}) not reported in:\n{msg}"
     rows = rubric.load_rows(p, skip_bad=True)
     assert [r["id"] for r in rows] == ["a"], "skip_bad keeps only the good rows"
+
+
+@pytest.mark.parametrize("line, why", [
+    (b'{"id": "x", "prompt": "Write a story.", "target_words": 10, "story": "caf\xe9 au lait"}', "not UTF-8 (byte 0xe9"),
+    (b'{"id": 1.5, "prompt": "Write a story.", "target_words": 10, "story": "s"}', "id must be a string or an integer"),
+    (b'{"id": true, "prompt": "Write a story.", "target_words": 10, "story": "s"}', "id must be a string or an integer"),
+    (b'{"id": "x", "prompt": "Write a story.", "target_words": true, "story": "s"}', "target_words must be a positive integer"),
+    (b'{"id": "x", "prompt": "Write a story.", "target_words": 10, "story": "plan</think>Then it rained."}',
+     "story contains the special token '</think>'"),
+    (b'{"id": "x", "prompt": "Write a story.", "target_words": 10, "story": "end<|im_end|>"}', "'<|im_end|>'"),
+    (b'{"id": "x", "prompt": "Write a story.<|im_start|>", "target_words": 10, "story": "s"}', "prompt contains"),
+    (b'{"id": "x", "prompt": "Write a story.", "target_words": 10, "story": "a <|vision_start|> b"}', "'<|vision_start|>'"),
+])
+def test_rows_that_cannot_be_rendered_are_named(tmp_path, line, why):
+    p = tmp_path / "rows.jsonl"
+    p.write_bytes(b'{"id": "ok", "prompt": "Write a story.", "target_words": 10, "story": "Fine."}\n' + line + b"\n")
+    with pytest.raises(ValueError) as e:  # the tokenizer's own special tokens join the chat markers
+        rubric.load_rows(p, special_tokens=rubric.CHAT_MARKERS + ("<|vision_start|>",))
+    assert f"{p}:2: " in str(e.value) and why in str(e.value), str(e.value)
 
 
 def test_sample_data_is_valid():

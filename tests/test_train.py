@@ -52,20 +52,33 @@ def test_two_steps_write_a_loadable_checkpoint(tmp_path):
     (["--train_data=data/nope.jsonl"], {}, "train_data: [Errno 2] No such file or directory: 'data/nope.jsonl'"),
     (["--loss_norm=mean"], {}, "loss_norm='mean' must be one of"),
     (["--resume=True"], {}, "no checkpoint in"),
+    (["--learning_rate=-0.01", "--save_interval=0"], {}, "learning_rate=-0.01 must be > 0; save_interval=0 must be >= 1"),
+    (["--max_new_tokens=0", "--temperature=0"], {}, "max_new_tokens=0 must be >= 1; temperature=0.0 must be > 0"),
+    (["--top_p=1.5", "--top_k=-1", "--keep_last=0"], {}, "top_p=1.5 must be in (0, 1]"),
+    (["--judge_workers=0", "--judge_timeout=0", "--judge_max_fail_frac=2"], {}, "judge_workers=0 must be >= 1"),
+    (["--warmup_steps=-1", "--logprob_chunk=0", "--length_weight=-5"], {}, "length_weight=-5.0 must be >= 0"),
+    (["--micro_batch_size=0", "--max_steps=0", "--judge_retries=-1"], {}, "judge_retries=-1 must be >= 0"),
 ])
 def test_bad_input_stops_before_the_model_loads(tmp_path, args, env, message):
     p = subprocess.run([sys.executable, "train.py", "config/tiny.py", f"--out_dir={tmp_path}/run", *args],
                        capture_output=True, text=True, env=dict(ENV, **env), timeout=60)
     assert p.returncode != 0 and message in p.stderr, f"expected '{message}' in:\n{p.stderr[-2000:]}"
-    assert "memory plan" not in p.stdout, "no model work before the error"
+    assert "memory plan" not in p.stdout and not (tmp_path / "run").exists(), "no model work or file before the error"
 
 
-def test_invalid_data_names_file_and_line(tmp_path):
+@pytest.mark.parametrize("line, why", [
+    (b'{"id": "x", "prompt": "p", "target_words": 10}', "missing field 'story'"),
+    (b'{"id": "x", "prompt": "p", "target_words": 10, "story": "\xff\xfe"}', "not UTF-8"),
+    (b'{"id": "x", "prompt": "p", "target_words": 10, "story": "I planned.</think>It rained."}',
+     "story contains the special token '</think>'"),
+])
+def test_invalid_data_names_file_and_line(tmp_path, line, why):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(open("data/sample/train.jsonl").readline() + '{"id": "x", "prompt": "p", "target_words": 10}\n')
-    p = subprocess.run([sys.executable, "train.py", "config/tiny.py", f"--train_data={bad}"],
+    bad.write_bytes(open("data/sample/train.jsonl", "rb").readline() + line + b"\n")
+    p = subprocess.run([sys.executable, "train.py", "config/tiny.py", f"--train_data={bad}", f"--out_dir={tmp_path}/run"],
                        capture_output=True, text=True, env=ENV, timeout=60)
-    assert p.returncode != 0 and f"{bad}:2: missing field 'story'" in p.stderr, p.stderr[-2000:]
+    assert p.returncode != 0 and f"{bad}:2: {why}" in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "run").exists(), "refused when the data is loaded, before any step"
 
 
 def test_memory_plan_refuses_a_9b_run_that_cannot_fit(tmp_path):
@@ -74,25 +87,31 @@ def test_memory_plan_refuses_a_9b_run_that_cannot_fit(tmp_path):
     p = subprocess.run([sys.executable, "train.py", "config/polaris.py", "--train_data=data/sample/train.jsonl",
                         f"--init_from={tmp_path}/qwen3_5_9b", "--device_memory_gb=80.0", f"--out_dir={tmp_path}/run"],
                        capture_output=True, text=True, env=dict(ENV, GEMINI_API_KEY="unused"), timeout=120)
-    # one rank holds the whole AdamW state: 17.9 + 17.9 + 107.4 GB
-    assert "8,953.8M params" in p.stdout and "= 143.26 GB of 80 GB" in p.stdout, p.stdout[-2000:]
+    # one rank holds the whole fp32 gradient sum and AdamW state: 17.9 + 35.8 + 107.4 GB
+    assert "8,953.8M params" in p.stdout and "= 161.17 GB of 80 GB" in p.stdout, p.stdout[-2000:]
     assert p.returncode != 0 and "does not fit in 90% of 80 GB" in p.stderr, p.stderr[-2000:]
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
-    # Adam's first step is about lr * sign(g): at lr 1e-4 a 1e-6 tolerance is 1% of the step,
-    # and the logged loss and gradient norm (before clipping) check the gradient's scale too
-    args = ["--max_steps=1", "--learning_rate=1e-4", *FAST]
+    # What sharding must keep equal, with bounds that hold by construction. The loss is a sum of
+    # the same per-sequence terms in another order (float64): equal to 1e-9. The gradient norm is
+    # of fp32 sums of the same 12 per-sequence gradients in another order: equal to 1e-4. The
+    # parameters after Adam's first step moved by at most lr each (m / sqrt(v) = sign(g)), so two
+    # runs can differ by at most 2 * lr: Adam amplifies summation-order noise in gradients near
+    # its eps, so no tighter bound holds. That the update itself is sharded exactly is
+    # test_optim.py's, on fixed gradients.
+    args = ["--max_steps=1", "--learning_rate=1e-4", "--warmup_steps=0", *FAST]
     train(tmp_path / "one", *args)
     train(tmp_path / "two", *args, nproc=2)
     one, two = weights(tmp_path / "one/ckpt_000001"), weights(tmp_path / "two/ckpt_000001")
     base = weights(tmp_path / "one/base")
-    assert any((one[k] - base[k]).abs().max() > 1e-5 for k in one), "the step must change the parameters"
-    worst = max((one[k] - two[k]).abs().max().item() for k in one)
-    assert worst < 1e-6, f"2 ranks with the sharded optimizer differ from 1 process by {worst:.2e}"
     m1, m2 = (json.loads(open(tmp_path / d / "metrics.jsonl").readline()) for d in ("one", "two"))
-    for key in ("loss", "grad_norm", "reward", "ref_nll"):
-        assert m1[key] == pytest.approx(m2[key], rel=1e-6), f"{key}: {m1[key]} (1 process) vs {m2[key]} (2 ranks)"
+    lr = m1["lr"]
+    assert lr == 1e-4 and any((one[k] - base[k]).abs().max() > lr / 2 for k in one), "the step must move the parameters"
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert worst <= 2 * lr * (1 + 1e-3), f"2 ranks differ from 1 process by {worst:.2e}, more than 2 lr"
+    for key, rel in (("loss", 1e-9), ("reward", 1e-9), ("ref_nll", 1e-9), ("grad_norm", 1e-4)):
+        assert m1[key] == pytest.approx(m2[key], rel=rel), f"{key}: {m1[key]} (1 process) vs {m2[key]} (2 ranks)"
     assert os.path.exists(tmp_path / "two/ckpt_000001/optim_rank1.pt"), "each rank saves its optimizer shard"
 
 
@@ -109,6 +128,21 @@ def test_sigkill_and_resume_is_bitwise_exact(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "ckpt_000004").exists(), "killed before the end"
+    for name in ("metrics.jsonl", "rollouts.jsonl"):  # as if the kill came during an append
+        with open(run / name, "a") as f:
+            f.write('{"step": 3, "rew')
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for change, named in (("--batch_groups=4", "batch_groups 2 -> 4"), ("--seed=7", "seed 1337 -> 7"),
+                          ("--group_size=5", "group_size 6 -> 5")):
+        p = train(run, *args, "--resume=True", change, check=False)
+        assert p.returncode != 0 and named in p.stderr and "memory plan" not in p.stdout, p.stderr[-2000:]
+    p = train(run, *args, "--resume=True", check=False, nproc=2)
+    assert p.returncode != 0 and "world_size 1 -> 2" in p.stdout + p.stderr, "every rank reads the world size"
+    other = tmp_path / "other.jsonl"
+    other.write_text(open("data/sample/train.jsonl").read().replace("ferry", "barge"))
+    p = train(run, *args, "--resume=True", f"--train_data={other}", check=False)
+    assert p.returncode != 0 and "train_data_sha256" in p.stderr, p.stderr[-2000:]
+    assert before == {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}, "a refused resume changes nothing"
     train(run, *args, "--resume=True")
     full, resumed = weights(tmp_path / "full/ckpt_000004"), weights(run / "ckpt_000004")
     assert all(torch.equal(full[k], resumed[k]) for k in full), "resumed parameters must be bitwise equal"
@@ -122,3 +156,55 @@ def test_reward_rises_in_a_minute(tmp_path):
     first, last = sum(r[:5]) / 5, sum(r[-5:]) / 5
     # measured: -49.2 over the first five steps and -27.3 over the last five (seed 1337)
     assert last > first + 8, f"mean reward should rise by more than 8: first five {first:.1f}, last five {last:.1f}"
+
+
+def test_a_used_out_dir_is_refused_unchanged(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "reward": 1.0}\n')
+    p = subprocess.run([sys.executable, "train.py", "config/tiny.py", f"--out_dir={tmp_path}"],
+                       capture_output=True, text=True, env=ENV, timeout=60)
+    assert p.returncode != 0 and "use --resume=True or another out_dir" in p.stderr, p.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"] and "memory plan" not in p.stdout, "nothing written"
+
+
+def fault_server(script):
+    from test_judge import FaultServer
+    return FaultServer(script)
+
+
+@pytest.mark.parametrize("code", [401, 404])
+def test_a_judge_that_rejects_the_key_stops_the_run(tmp_path, code):
+    # the first reply is fine (the check before the model loads), then every request is refused:
+    # the run stops in step 1, before its update and checkpoint, naming the status and the URL
+    s = fault_server([("reply", None)] + [("status", code, {})] * 100)
+    secret = "sk-secret-123456"
+    try:
+        p = subprocess.run([sys.executable, "train.py", "config/tiny.py", f"--out_dir={tmp_path}", f"--judge_url={s.url}",
+                            "--judge_key_env=POLARIS_TEST_KEY", *FAST], capture_output=True, text=True,
+                           env=dict(ENV, POLARIS_TEST_KEY=secret), timeout=120)
+    finally:
+        s.close()
+    assert p.returncode != 0 and f"HTTP {code} from {s.url}/chat/completions" in p.stderr, p.stderr[-2000:]
+    assert "step 1: a judge failure that no retry can fix" in p.stderr, p.stderr[-2000:]
+    assert secret not in p.stdout + p.stderr, "the key is never printed"
+    assert not (tmp_path / "metrics.jsonl").exists() and not list(tmp_path.glob("ckpt_*")), "no update, no checkpoint"
+    s = fault_server([("status", 401, {})])
+    try:
+        p = subprocess.run([sys.executable, "train.py", "config/tiny.py", f"--out_dir={tmp_path}/early",
+                            f"--judge_url={s.url}"], capture_output=True, text=True, env=ENV, timeout=120)
+    finally:
+        s.close()
+    assert p.returncode != 0 and "the judge cannot be used: HTTP 401" in p.stderr, p.stderr[-2000:]
+    assert "memory plan" in p.stdout and not (tmp_path / "early/base").exists(), "stopped before the weights load"
+
+
+def test_a_step_with_too_many_judge_failures_stops_the_run(tmp_path):
+    s = fault_server([("reply", None)] + [("status", 503, {})] * 100)
+    try:
+        p = subprocess.run([sys.executable, "train.py", "config/tiny.py", f"--out_dir={tmp_path}", f"--judge_url={s.url}",
+                            "--judge_retries=0", *FAST], capture_output=True, text=True, env=ENV, timeout=120)
+    finally:
+        s.close()
+    assert p.returncode != 0 and "12 of 12 stories could not be scored (judge_max_fail_frac=0.5)" in p.stderr, \
+        p.stderr[-2000:]
+    assert "12 x HTTP 503; gave up after 1 attempts" in p.stderr, "the reasons, counted"
+    assert not (tmp_path / "metrics.jsonl").exists(), "stopped before the update"
