@@ -347,12 +347,15 @@ if __name__ == "__main__":
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
             from tqdm import tqdm
             if api_url:  # an API model or a served checkpoint (vLLM, transformers serve), over HTTP
-                # what a server needs to sample as the card says: the sampling fields, and thinking
-                # on or off for its chat template; --api_extra adds fields or replaces them one by one
-                fields = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k or None,
+                # what a server needs to sample as the card says: the OpenAI sampling fields, and
+                # thinking on or off for its chat template. top_k and repetition_penalty are not
+                # OpenAI fields (transformers serve refuses them): vLLM and transformers serve take
+                # them from the checkpoint's generation_config, or add them with --api_extra, which
+                # adds fields or replaces them one by one (None: not sent)
+                fields = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               presence_penalty=presence_penalty or None,
-                              repetition_penalty=None if repetition_penalty == 1.0 else repetition_penalty,
-                              chat_template_kwargs=dict(enable_thinking=enable_thinking), **api_extra)
+                              chat_template_kwargs=dict(enable_thinking=enable_thinking))
+                fields.update(api_extra)
                 client = judge_lib.Judge(api_url, model, key_env=api_key_env, workers=c["judge_workers"],
                                          timeout=c["judge_timeout"], retries=c["judge_retries"], max_tokens=0,
                                          max_reply_bytes=c["judge_max_reply_bytes"], cache_dir=gen_cache or None,
@@ -368,13 +371,13 @@ if __name__ == "__main__":
                 lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype) if device == "cuda" else torch.float32).to(device)
                 tok = AutoTokenizer.from_pretrained(model)
                 eos = rollout.eos_ids(lm, tok)
-            empty = []
+            missed = []  # prompts left for a later run: failed requests, and generations without a story
             for k, r in enumerate(tqdm(todo, desc="generating")):
                 if api_url:
                     try:
                         reply = futures[k].result()
                     except judge_lib.JudgeError as e:
-                        print(f"{r['id']}: {e}; left for a later run")
+                        missed.append(f"{r['id']} ({e})")
                         continue
                     finish, content = reply["finish_reason"], reply["content"]
                     if reply["reasoning"]:  # the server split the thinking out (reasoning_content)
@@ -389,7 +392,7 @@ if __name__ == "__main__":
                                              presence_penalty, enable_thinking)[0]
                     thinking, story, finish = s["thinking"], s["story"], "length" if s["truncated"] else "stop"
                 if not story:  # never written as if it were a finished story
-                    empty.append(f"{r['id']} ({finish}, {rubric.count_words(thinking)} words of thinking)")
+                    missed.append(f"{r['id']} (no story: {finish}, {rubric.count_words(thinking)} words of thinking)")
                     continue
                 append_jsonl(out, dict(id=r["id"], prompt=r["prompt"], target_words=r["target_words"],
                                        category=r.get("category", ""), model=label, story=story,
@@ -397,9 +400,9 @@ if __name__ == "__main__":
                                        finish_reason=finish))
             if api_url:
                 client.close()
-            if empty:
-                fail(f"{len(empty)} of {len(todo)} generations came back without a story and were not written: "
-                     + ", ".join(empty[:20]) + (" ..." if len(empty) > 20 else "") + ". A story cut off in its "
+            if missed:
+                fail(f"{len(missed)} of {len(todo)} generations came back without a story and were not written: "
+                     + ", ".join(missed[:20]) + (" ..." if len(missed) > 20 else "") + ". A story cut off in its "
                      "thinking needs a larger max_new_tokens; an empty reply from a server, its reasoning settings. "
                      "Run again to ask for these again")
 

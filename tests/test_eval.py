@@ -108,7 +108,8 @@ def test_generate_score_pairwise_elo_report(tiny_models, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     rows = [json.loads(l) for l in open("data/eval/prompts.jsonl")]
     prompts.write_text("".join(json.dumps(rows[i]) + "\n" for i in (0, 1, 20, 21, 40, 41)))  # two per bucket
-    common = [f"--prompts={prompts}", "--max_new_tokens=24", "--enable_thinking=False", f"--judge_cache={tmp_path}/cache"]
+    common = [f"--prompts={prompts}", "--max_new_tokens=24", "--enable_thinking=False", f"--judge_cache={tmp_path}/cache",
+              f"--gen_cache={tmp_path}/gen_cache"]
     gens = []
     for name in ("base", "other"):
         out = tmp_path / f"{name}.jsonl"
@@ -193,3 +194,66 @@ def test_a_clean_sweep_is_flagged_unbounded():
         "10 wins of 10: no finite rating, flagged"
     pairs.append(dict(id="10", model_a="x", model_b="y", winner="b"))
     assert not ev.elo_table(pairs, n_boot=20)["x"]["unbounded"], "one loss bounds the rating"
+
+
+def test_pairs_rows_are_checked(tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    good = dict(id="p1", model_a="x", model_b="y", winner="A")
+    for bad, why in ((dict(good, winner="C"), "winner must be one of A, B, tie or null"),
+                     (dict(good, model_b=None), "needs the names model_a and model_b"),
+                     ({k: v for k, v in good.items() if k != "id"}, "needs an id")):
+        f.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=f"{f}:2: .*{why}"):
+            ev.read_pairs(str(f))
+    f.write_text(json.dumps(good) + "\n" + json.dumps(dict(good, winner=None)) + "\n")
+    assert [r["winner"] for r in ev.read_pairs(str(f))] == ["a", None], "A reads as a; null is a missing judgement"
+    p = subprocess.run([sys.executable, "eval.py", "--task=elo", f"--pairs={f},{tmp_path}/nope.jsonl"], **SUB)
+    assert p.returncode != 0 and f"{tmp_path}/nope.jsonl: no such file" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["--task=generate", "--model=m", "--out=OUT/g.jsonl", "--prompts=OUT/missing.jsonl"],
+    ["--task=score", "--gens=OUT/missing.jsonl"],
+    ["--task=pairwise", "--gens=data/sample/train.jsonl,OUT/missing.jsonl", "--pairs=OUT/p.jsonl"],
+    ["--task=elo", "--pairs=OUT/missing.jsonl"],
+    ["--task=report", "--pairs=OUT/missing.jsonl", "--out=OUT/r.md"],
+    ["--task=report", "--gens=OUT/missing.jsonl", "--out=OUT/r.md"],
+])
+def test_a_named_file_that_does_not_exist_is_an_error(tmp_path, args):
+    p = subprocess.run([sys.executable, "eval.py", *(a.replace("OUT", str(tmp_path)) for a in args)], **SUB)
+    assert p.returncode != 0 and f"{tmp_path}/missing.jsonl: no such file" in p.stderr, p.stdout[-500:] + p.stderr
+    assert not list(tmp_path.iterdir()), "nothing written"
+
+
+def test_api_generation_fields_thinking_and_empty_replies(tmp_path):
+    from test_judge import FaultServer
+
+    def reply(content, reasoning=None, finish="stop"):
+        message = dict(role="assistant", content=content, **({"reasoning_content": reasoning} if reasoning else {}))
+        return ("body", json.dumps(dict(choices=[dict(message=message, finish_reason=finish)], usage={})).encode())
+    s = FaultServer([reply("The first story.", "a plan"),  # vLLM / transformers serve split the thinking out
+                     reply("", "thinking until the end", "length"),  # came back without a story
+                     reply("<think>\nplan\n</think>\n\nThe third story.")])  # no reasoning parser: split here
+    out = tmp_path / "g.jsonl"
+    args = [sys.executable, "eval.py", "--task=generate", "--model=served", f"--api_url={s.url}", f"--out={out}",
+            "--limit=3", "--judge_workers=1", "--enable_thinking=False", "--max_new_tokens=99",
+            "--api_extra={'top_p': None, 'temperature': 0.9, 'seed': 5}", f"--gen_cache={tmp_path}/cache"]
+    try:
+        p = subprocess.run(args, **SUB)
+        rows = [json.loads(l) for l in open(out)]
+        cached = len(list((tmp_path / "cache").rglob("*.json")))
+        subprocess.run(args, **SUB)
+    finally:
+        s.close()
+    prompts = [json.loads(l) for l in open("data/eval/prompts.jsonl")][:3]
+    assert p.returncode != 0 and f"1 of 3 generations came back without a story" in p.stderr and prompts[1]["id"] in p.stderr, \
+        p.stderr[-1000:]
+    assert [(r["id"], r["story"], r["thinking_words"]) for r in rows] == \
+        [(prompts[0]["id"], "The first story.", 2), (prompts[2]["id"], "The third story.", 1)], rows
+    body = s.requests[0]["body"]
+    assert body["chat_template_kwargs"] == {"enable_thinking": False}, "thinking on or off reaches the template"
+    assert body["max_tokens"] == 99 and body["temperature"] == 0.9 and body["seed"] == 5 and "top_k" not in body, body
+    assert "top_p" not in body, "api_extra adds fields, replaces them one by one, and None removes one"
+    assert len(s.requests) == 4 and s.requests[3]["body"]["messages"][0]["content"] == prompts[1]["prompt"], \
+        "the empty reply was not cached: the next run asks again for that prompt only"
+    assert cached == 2, "API generations are cached apart from the judge's replies, the empty one not at all"
