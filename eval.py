@@ -298,6 +298,7 @@ if __name__ == "__main__":
     gens = ""  # comma-separated generation files (score, pairwise, report)
     pairs = _PAIRS = "out/eval/pairs.jsonl"  # pairwise writes it; elo and report read it (comma-separated for several)
     limit = 0  # generate: only the first N prompts (0: all)
+    batch_size = 16  # generate: prompts decoded together from a checkpoint; output written after each batch
     allow_intersection = False  # pairwise: compare on the prompt ids all files share
     max_chars = 0  # pairwise: cut each story to this many characters (0: whole), against length bias
     anchor = ""  # elo: 'NAME:RATING'
@@ -321,7 +322,8 @@ if __name__ == "__main__":
     # judge (config/eval.py: GPT-5.4)
     globals().update(judge_lib.DEFAULTS)  # judge_url, judge_model, judge_key_env, ... (see judge.py)
     c = configure(globals())
-    check_ranges(c, dict(rollout.SAMPLING_RANGES, **judge_lib.RANGES, limit=">= 0", n_boot=">= 1", max_chars=">= 0"))
+    check_ranges(c, dict(rollout.SAMPLING_RANGES, **judge_lib.RANGES, limit=">= 0", n_boot=">= 1", max_chars=">= 0",
+                    batch_size=">= 1"))
 
     def fail(msg):
         sys.exit(f"error: {msg}")
@@ -371,33 +373,40 @@ if __name__ == "__main__":
                 lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype) if device == "cuda" else torch.float32).to(device)
                 tok = AutoTokenizer.from_pretrained(model)
                 eos = rollout.eos_ids(lm, tok)
+            index = {r["id"]: k for k, r in enumerate(rows)}  # a prompt's seed: its place in the prompts file
+
+            def from_api(k):  # -> (thinking, story, finish reason), story None when the request failed
+                try:
+                    reply = futures[k].result()
+                except judge_lib.JudgeError as e:
+                    return "", None, str(e)
+                content = reply["content"]
+                if reply["reasoning"]:  # the server split the thinking out (reasoning_content)
+                    return reply["reasoning"].strip(), content.strip(), reply["finish_reason"]
+                # a server without a reasoning parser returns the raw text
+                thinking, story, _ = rollout.split_thinking(
+                    content, "</think>" in content or content.lstrip().startswith("<think>"), False)
+                return thinking, story, reply["finish_reason"]
+
             missed = []  # prompts left for a later run: failed requests, and generations without a story
-            for k, r in enumerate(tqdm(todo, desc="generating")):
+            for i in tqdm(range(0, len(todo), batch_size), desc=f"generating, {batch_size} prompts at a time"):
+                batch = todo[i:i + batch_size]
                 if api_url:
-                    try:
-                        reply = futures[k].result()
-                    except judge_lib.JudgeError as e:
-                        missed.append(f"{r['id']} ({e})")
+                    results = [from_api(k) for k in range(i, i + len(batch))]
+                else:  # one batched decode; each story depends on its prompt's seed alone, not on the batch
+                    samples = rollout.sample(lm, tok, [rollout.render_prompt(tok, r["prompt"], enable_thinking) for r in batch],
+                                             [seed + index[r["id"]] for r in batch], 1, eos, max_new_tokens, temperature,
+                                             top_p, top_k, repetition_penalty, presence_penalty, enable_thinking)
+                    results = [(s["thinking"], s["story"], "length" if s["truncated"] else "stop") for [s] in samples]
+                for r, (thinking, story, finish) in zip(batch, results):
+                    if not story:  # never written as if it were a finished story
+                        missed.append(f"{r['id']} ({finish})" if story is None else
+                                      f"{r['id']} (no story: {finish}, {rubric.count_words(thinking)} words of thinking)")
                         continue
-                    finish, content = reply["finish_reason"], reply["content"]
-                    if reply["reasoning"]:  # the server split the thinking out (reasoning_content)
-                        thinking, story = reply["reasoning"].strip(), content.strip()
-                    else:  # a server without a reasoning parser returns the raw text
-                        thinking, story, _ = rollout.split_thinking(
-                            content, "</think>" in content or content.lstrip().startswith("<think>"), False)
-                else:
-                    torch.manual_seed(seed + k)
-                    s = rollout.sample_group(lm, tok, rollout.render_prompt(tok, r["prompt"], enable_thinking), 1, eos,
-                                             max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                                             presence_penalty, enable_thinking)[0]
-                    thinking, story, finish = s["thinking"], s["story"], "length" if s["truncated"] else "stop"
-                if not story:  # never written as if it were a finished story
-                    missed.append(f"{r['id']} (no story: {finish}, {rubric.count_words(thinking)} words of thinking)")
-                    continue
-                append_jsonl(out, dict(id=r["id"], prompt=r["prompt"], target_words=r["target_words"],
-                                       category=r.get("category", ""), model=label, story=story,
-                                       words=rubric.count_words(story), thinking_words=rubric.count_words(thinking),
-                                       finish_reason=finish))
+                    append_jsonl(out, dict(id=r["id"], prompt=r["prompt"], target_words=r["target_words"],
+                                           category=r.get("category", ""), model=label, story=story,
+                                           words=rubric.count_words(story), thinking_words=rubric.count_words(thinking),
+                                           finish_reason=finish))
             if api_url:
                 client.close()
             if missed:

@@ -12,7 +12,7 @@ import os
 import shutil
 
 import torch
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, StoppingCriteria
 
 # -----------------------------------------------------------------------------
 # prompts and the human reference
@@ -103,28 +103,80 @@ def split_thinking(text, enable_thinking, truncated):
     return "", text.strip(), False
 
 
+class RowSampler(LogitsProcessor):
+    """The last logits processor: draws each row's next token from softmax(scores) with the row's
+    own torch.Generator and leaves only that token, which generate(do_sample=False) then picks.
+    The distribution is generate's own (the same processor classes in the same order); what
+    changes is the randomness: a row's tokens depend on its seed alone, not on which rows share
+    the batch, so 1 rank and 4 ranks, or eval in batches of 1 and of 16, sample the same stories."""
+
+    def __init__(self, seeds, device):
+        self.gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids, scores):
+        probs = scores.float().softmax(-1)
+        pick = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.gens)])
+        return torch.full_like(scores, -float("inf")).scatter_(1, pick[:, None], 0.0)
+
+
+class OnFinish(StoppingCriteria):
+    """Never stops generation; calls on_done(row, completion_ids) the step a row emits its first
+    eos, so that a finished story can go to the judge while longer ones are still decoding."""
+
+    def __init__(self, eos, prompt_len, on_done):
+        self.eos, self.prompt_len, self.on_done, self.seen = eos, prompt_len, on_done, None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = torch.isin(input_ids[:, -1], torch.tensor(self.eos, device=input_ids.device))
+        if self.seen is None:
+            self.seen = torch.zeros_like(done)
+        for b in (done & ~self.seen).nonzero()[:, 0].tolist():
+            self.on_done(b, input_ids[b, self.prompt_len:].tolist())
+        self.seen |= done  # rows already finished are padded with pad, which may be an eos id
+        return torch.zeros_like(done)
+
+
 @torch.no_grad()
-def sample_group(model, tok, prompt_ids, n, eos, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                 repetition_penalty=1.0, presence_penalty=0.0, enable_thinking=True):
-    """n completions of one prompt in one generate() call (identical prompts: no padding).
-    Each sample: completion_ids (through the first eos, or max_new_tokens long when truncated),
-    truncated, thinking, story, in_thinking (truncated before the story began)."""
+def sample(model, tok, prompts, seeds, n, eos, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+           repetition_penalty=1.0, presence_penalty=0.0, enable_thinking=True, on_done=None):
+    """n completions of each prompt (token id lists), all in one generate() call: the prompts are
+    left-padded to one length, with the attention mask (Qwen3.5's linear-attention layers honour
+    it). Completion j of prompt i is drawn with seed seeds[i] * 1000 + j. Returns, per prompt, n
+    samples: completion_ids (through the first eos, or max_new_tokens long when truncated),
+    truncated, thinking, story, in_thinking (truncated before the story began). on_done(i, j,
+    sample) is called the step completion j of prompt i ends, and after generate() for the
+    truncated ones."""
     check_sampling(repetition_penalty, presence_penalty)
-    x = torch.tensor([prompt_ids] * n, device=model.device)
-    procs = [PresencePenalty(presence_penalty, len(prompt_ids))] if presence_penalty else []
-    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True,
-                         temperature=temperature, top_p=top_p, top_k=top_k or None,
-                         repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
-                         logits_processor=procs, eos_token_id=eos, pad_token_id=tok.pad_token_id)
-    samples = []
-    for row in out[:, len(prompt_ids):].tolist():
-        stop = next((i for i, t in enumerate(row) if t in eos), None)
-        ids = row[: stop + 1] if stop is not None else row[:max_new_tokens]
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    T = max(map(len, prompts))
+    rows = [p for p in prompts for _ in range(n)]
+    x = torch.tensor([[tok.pad_token_id] * (T - len(p)) + p for p in rows], device=model.device)
+    attn = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in rows], device=model.device)
+    # the order generate() uses when it samples: penalties, temperature, top-k, top-p; then our draw
+    procs = [PresencePenalty(presence_penalty, T)] if presence_penalty else []
+    procs += [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else [])
+    procs += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+    procs += [RowSampler([seeds[i] * 1000 + j for i in range(len(prompts)) for j in range(n)], model.device)]
+    samples = [None] * len(rows)
+
+    def finish(b, ids):
+        stop = next((i for i, t in enumerate(ids) if t in eos), None)
+        ids = ids[: stop + 1] if stop is not None else ids[:max_new_tokens]
         text = tok.decode(ids[:-1] if stop is not None else ids, skip_special_tokens=False)
         thinking, story, in_thinking = split_thinking(text, enable_thinking, stop is None)
-        samples.append(dict(completion_ids=ids, truncated=stop is None, thinking=thinking,
-                            story=story, in_thinking=in_thinking))
-    return samples
+        samples[b] = dict(completion_ids=ids, truncated=stop is None, thinking=thinking, story=story,
+                          in_thinking=in_thinking)
+        if on_done:
+            on_done(b // n, b % n, samples[b])
+
+    out = model.generate(input_ids=x, attention_mask=attn, do_sample=False, max_new_tokens=max_new_tokens,
+                         repetition_penalty=repetition_penalty, logits_processor=procs, eos_token_id=eos,
+                         pad_token_id=tok.pad_token_id, stopping_criteria=[OnFinish(eos, T, finish)])
+    for b, row in enumerate(out[:, T:].tolist()):
+        if samples[b] is None:  # truncated at max_new_tokens
+            finish(b, row)
+    return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
+
 
 # -----------------------------------------------------------------------------
 # collation and log-probabilities
@@ -243,14 +295,39 @@ def grpo_loss(logp, old_logp, adv, mask, loss_norm, denom, eps_low=0.2, eps_high
 # memory plan and the tiny model
 
 
-def memory_plan(n_params, world_size, param_bytes, n_trainable=None):
+def micro_batches(lengths, budget):
+    """Indices of sequences grouped into micro-batches: sorted by length, each micro-batch as
+    many as fit in `budget` tokens counting padding (count x longest); a sequence longer than the
+    budget goes alone. Similar lengths together waste little padding."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    out = [[]]
+    for i in order:
+        if out[-1] and (len(out[-1]) + 1) * lengths[i] > budget:
+            out.append([])
+        out[-1].append(i)
+    return out
+
+
+def activation_bytes(config, tokens, logprob_chunk, checkpointing, param_bytes):
+    """A rough peak for one micro-batch of `tokens` padded tokens: with checkpointing each layer
+    keeps only its input (hidden x param_bytes a token) and one layer at a time is recomputed
+    (~34 x hidden bytes a token, Korthikanti et al. 2022); without, every layer keeps its ~34 x
+    hidden. Plus the chunked log-prob buffer and its gradient (2 x chunk x vocab x 4 bytes)."""
+    c = config.get_text_config()
+    per_token = (c.num_hidden_layers * c.hidden_size * param_bytes + 34 * c.hidden_size if checkpointing
+                 else c.num_hidden_layers * 34 * c.hidden_size)
+    return tokens * per_token + 2 * logprob_chunk * c.vocab_size * 4
+
+
+def memory_plan(n_params, world_size, param_bytes, n_trainable=None, activations=0):
     """Per-GPU bytes with optim.ShardedAdamW: weights replicated; the fp32 gradient sum (4 bytes)
     and AdamW's fp32 master weights and two moments (12 bytes) of the trainable parameters split
-    over the ranks. Frozen parameters (the 9B's vision tower) count as weights only. Activations,
-    and the bf16 gradients of the layers backward is working on, come on top."""
+    over the ranks. Frozen parameters (the 9B's vision tower) count as weights only. Then one
+    micro-batch's activations (activation_bytes). The bf16 gradients of the layer backward is
+    working on come on top, freed as soon as they reach their owner."""
     n_trainable = n_params if n_trainable is None else n_trainable
     return dict(weights=n_params * param_bytes, grads=4 * n_trainable / world_size,
-                optimizer=12 * n_trainable / world_size)
+                optimizer=12 * n_trainable / world_size, activations=activations)
 
 
 # -----------------------------------------------------------------------------

@@ -88,7 +88,7 @@ warmup_steps = 10
 weight_decay = 0.0
 beta1, beta2 = 0.9, 0.99
 grad_clip = 1.0
-micro_batch_size = 1  # sequences per forward/backward
+micro_batch_tokens = 9216  # tokens per forward/backward, padding counted: one 8k-token story, or several short
 logprob_chunk = 1024  # rows of the LM head computed at once
 bucket_numel = 2 ** 26  # elements per fp32 piece in the optimizer and its collectives
 seed = 1337
@@ -132,7 +132,7 @@ def fail(msg):
 check_ranges(config, dict(
     rollout.SAMPLING_RANGES, **judge_lib.RANGES, learning_rate="> 0", max_steps=">= 1", save_interval=">= 1",
     keep_last=">= 1", warmup_steps=">= 0", batch_groups=">= 1", max_ref_words=">= 1", weight_decay=">= 0",
-    beta1="[0, 1)", beta2="[0, 1)", grad_clip=">= 0", micro_batch_size=">= 1", logprob_chunk=">= 1",
+    beta1="[0, 1)", beta2="[0, 1)", grad_clip=">= 0", micro_batch_tokens=">= 1", logprob_chunk=">= 1",
     bucket_numel=">= 1", epsilon="> 0", epsilon_high="> 0", kl_coef=">= 0", num_iterations=">= 1",
     device_memory_gb=">= 0"))
 try:
@@ -215,6 +215,7 @@ else:  # a hub id: the local copy that from_pretrained would read (downloaded on
     base_dir = snapshot_download(init_from)
 if init_from == "tiny" and not resume:
     model, tok = rollout.build_tiny([train_data], tiny_vocab, tiny_hidden, tiny_layers, seed)
+    model_config = model.config
     n_params = n_trainable = sum(p.numel() for p in model.parameters())
 else:
     try:
@@ -227,13 +228,17 @@ else:
     rollout.freeze_vision(skeleton)
     n_params = sum(p.numel() for p in skeleton.parameters())
     n_trainable = sum(p.numel() for p in skeleton.parameters() if p.requires_grad)
-plan = rollout.memory_plan(n_params, ddp_world_size, ptdtype.itemsize, n_trainable)
+# the longest micro-batch: a prompt plus max_new_tokens, or the budget when it allows more
+tokens = max(micro_batch_tokens, max_new_tokens + 512)
+plan = rollout.memory_plan(n_params, ddp_world_size, ptdtype.itemsize, n_trainable, rollout.activation_bytes(
+    model_config, tokens, logprob_chunk, gradient_checkpointing, ptdtype.itemsize))
 budget = device_memory_gb * 1e9 or (torch.cuda.get_device_properties(device).total_memory if "cuda" in device else 0)
 if master_process:
     frozen = f" ({(n_params - n_trainable) / 1e6:,.1f}M frozen: weights only)" if n_params > n_trainable else ""
     print(f"memory plan per rank: {n_params / 1e6:,.1f}M params{frozen} | weights {plan['weights'] / 1e9:.2f} GB + fp32 grad shard "
-          f"{plan['grads'] / 1e9:.2f} GB + AdamW shard {plan['optimizer'] / 1e9:.2f} GB = {sum(plan.values()) / 1e9:.2f} GB"
-          + (f" of {budget / 1e9:.0f} GB" if budget else " (no device limit on CPU)") + ", activations on top")
+          f"{plan['grads'] / 1e9:.2f} GB + AdamW shard {plan['optimizer'] / 1e9:.2f} GB + activations of {tokens:,} tokens "
+          f"~{plan['activations'] / 1e9:.2f} GB = {sum(plan.values()) / 1e9:.2f} GB"
+          + (f" of {budget / 1e9:.0f} GB" if budget else " (no device limit on CPU)"))
 if budget and sum(plan.values()) > 0.9 * budget:
     fail(f"the memory plan ({sum(plan.values()) / 1e9:.1f} GB) does not fit in 90% of {budget / 1e9:.0f} GB per device: "
          "use more ranks or a smaller model")
@@ -336,31 +341,43 @@ for step in range(start_step, max_steps):
     t0 = time.time()
     my_groups = step_rows(step)[ddp_rank::ddp_world_size]  # rank r owns groups r, r + W, ...
 
-    # --- generate; each group goes to the judge as soon as it exists
+    # --- generate: all of this rank's groups in one batched decode; each story goes to the judge
+    # the step it ends, while longer ones are still decoding; the references go first
     model.eval()
-    groups, gen_tokens = [], 0
-    for gid, row in tqdm(my_groups, desc=f"step {step + 1} generate", leave=False, disable=not master_process):
-        torch.manual_seed(seed + 100_003 * step + gid)  # a group's samples depend on (seed, step, group) only
-        prompt_ids = rollout.render_prompt(tok, row["prompt"], enable_thinking)
-        samples = rollout.sample_group(model, tok, prompt_ids, group_size - n_ref, eos, max_new_tokens, temperature,
-                                       top_p, top_k, repetition_penalty, presence_penalty, enable_thinking)
-        for s in samples:
-            s.update(prompt_ids=prompt_ids, mask=[1] * len(s["completion_ids"]), is_ref=False)
-            gen_tokens += len(s["completion_ids"])
+    groups = []
+    for gid, row in my_groups:
+        samples = []
         if n_ref:
             if row["id"] not in ref_cache:
                 ref_cache[row["id"]] = rollout.reference_tokens(tok, row["prompt"], row["story"], enable_thinking,
                                                                 eos, ref_mask_think)
             p, a, m = ref_cache[row["id"]]
-            samples.append(dict(prompt_ids=p, completion_ids=a, mask=m, is_ref=True, story=row["story"],
-                                truncated=False, in_thinking=False, thinking=""))
-        for s in samples:
-            if s["is_ref"] and ref_fixed is not None:
-                s["judged"] = dict(reward=ref_fixed, sq=math.nan, ratio=1.0, scores=None, error=None, fatal=False,
-                                   tokens_in=0, tokens_out=0, cost=0.0, cached=0)
+            ref = dict(prompt_ids=p, completion_ids=a, mask=m, is_ref=True, story=row["story"], truncated=False,
+                       in_thinking=False, thinking="")
+            if ref_fixed is not None:
+                ref["judged"] = dict(reward=ref_fixed, sq=math.nan, ratio=1.0, scores=None, error=None, fatal=False,
+                                     tokens_in=0, tokens_out=0, cost=0.0, cached=0)
             else:
-                s["future"] = judge.submit(row["prompt"], row["target_words"], s["story"])
+                ref["future"] = judge.submit(row["prompt"], row["target_words"], row["story"])
+            samples.append(ref)
         groups.append((gid, row, samples))
+    prompts = [rollout.render_prompt(tok, row["prompt"], enable_thinking) for _, row in my_groups]
+    bar = tqdm(total=len(prompts) * (group_size - n_ref), desc=f"step {step + 1} stories", leave=False,
+               disable=not master_process)
+
+    def to_judge(i, j, s):  # story j of group i has ended
+        s["future"] = judge.submit(my_groups[i][1]["prompt"], my_groups[i][1]["target_words"], s["story"])
+        bar.update(1)
+    seeds = [seed + 100_003 * step + gid for gid, _ in my_groups]  # a story depends on (seed, step, group) only
+    batch = rollout.sample(model, tok, prompts, seeds, group_size - n_ref, eos, max_new_tokens, temperature, top_p,
+                           top_k, repetition_penalty, presence_penalty, enable_thinking, on_done=to_judge)
+    bar.close()
+    gen_tokens = 0
+    for (gid, row, samples), p, sampled in zip(groups, prompts, batch):
+        for s in sampled:
+            s.update(prompt_ids=p, mask=[1] * len(s["completion_ids"]), is_ref=False)
+            gen_tokens += len(s["completion_ids"])
+        samples[:0] = sampled  # the sampled stories first, the reference last, as before
     t_gen = time.time() - t0
 
     # --- wait for the judge; a judge that cannot score stops the run before the update
@@ -405,8 +422,8 @@ for step in range(start_step, max_steps):
     if ddp:
         dist.all_reduce(totals)  # the loss is normalised by counts over all ranks
     denom = {"token": totals[0].item(), "seq": totals[1].item(), "constant": totals[1].item() * max_new_tokens}[loss_norm]
-    seqs.sort(key=lambda s: len(s["prompt_ids"]) + len(s["completion_ids"]))
-    micro = [seqs[i:i + micro_batch_size] for i in range(0, len(seqs), micro_batch_size)]
+    micro = [[seqs[i] for i in mb] for mb in rollout.micro_batches(
+        [len(s["prompt_ids"]) + len(s["completion_ids"]) for s in seqs], micro_batch_tokens)]
 
     def forward(mb, grad):
         ids, attn, lm = rollout.collate([(s["prompt_ids"], s["completion_ids"], s["mask"]) for s in mb], tok.pad_token_id)

@@ -33,7 +33,7 @@ learning_rate = 1e-6
 warmup_steps = 10  # not in the card: ~6% of the run, while AdamW's second moments settle
 weight_decay = 0.0  # RL fine-tuning from a strong model: no pull towards zero
 grad_clip = 1.0
-micro_batch_size = 1  # sequences up to ~9k tokens: one at a time
+micro_batch_tokens = 9216  # padded tokens per forward/backward: one 8k rollout, or several shorter stories
 logprob_chunk = 1024  # 1,024 x 248,320 fp32 logits = 1 GB at a time instead of 8 GB per sequence
 seed = 1337
 # rollout: the card's recommended sampling, thinking on

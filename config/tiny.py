@@ -17,6 +17,7 @@ warmup_steps = 3
 # A random model never closes a thinking block, so every story would be empty; thinking is
 # off here and on in the paper run (tests cover the thinking split and its masking).
 enable_thinking = False
+micro_batch_tokens = 4096  # the 12 sequences of a rank in a few forward/backward passes
 max_new_tokens = 96  # the stories ask for ~300-420 words: every rollout is short (length score 0)
 temperature = 1.0
 top_p = 1.0

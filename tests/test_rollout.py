@@ -131,20 +131,76 @@ def test_presence_penalty_and_both_penalties():
         rollout.check_sampling(1.05, 0.5)
 
 
-def test_sample_group_stops_at_eos_and_marks_truncation(tiny):
+def test_sample_stops_at_eos_and_marks_truncation(tiny):
     model, tok = tiny
     prompt_ids = rollout.render_prompt(tok, "Write a story.", False)
-    torch.manual_seed(0)
-    samples = rollout.sample_group(model, tok, prompt_ids, 4, list(range(8, len(tok), 2)), 16, enable_thinking=False)
+    [samples] = rollout.sample(model, tok, [prompt_ids], [0], 4, list(range(8, len(tok), 2)), 16, enable_thinking=False)
     for s in samples:  # half the vocabulary ends generation: every sample stops within a few tokens
         ids = s["completion_ids"]
         assert not s["truncated"] and ids[-1] % 2 == 0 and ids[-1] >= 8, "ends with the eos it stopped at"
         assert not any(t >= 8 and t % 2 == 0 for t in ids[:-1]), "nothing after the first eos"
-    samples = rollout.sample_group(model, tok, prompt_ids, 3, [tok.eos_token_id], 12, enable_thinking=True)
+    [samples] = rollout.sample(model, tok, [prompt_ids], [0], 3, [tok.eos_token_id], 12, enable_thinking=True)
     for s in samples:
         assert s["truncated"] == (tok.eos_token_id not in s["completion_ids"]) and len(s["completion_ids"]) <= 12
         if s["truncated"] and "</think>" not in tok.decode(s["completion_ids"]):
             assert s["story"] == "" and s["in_thinking"], "truncated while thinking: empty story"
+
+
+def test_a_batch_samples_each_prompt_as_alone_and_reports_each_end(tiny):
+    model, tok = tiny
+    prompts = [rollout.render_prompt(tok, p, False) for p in ("Write a story.", "Write a 300-word story about salt.")]
+    assert len(prompts[0]) != len(prompts[1]), "prompts of different lengths: the short one is left-padded"
+    eos = list(range(8, len(tok), 7))  # one token in seven ends a story: stories of many lengths
+    ended = []
+    batch = rollout.sample(model, tok, prompts, [11, 12], 3, eos, 30, 0.9, 0.95, 50, on_done=lambda i, j, s: ended.append((i, j)))
+    alone = [rollout.sample(model, tok, [p], [sd], 3, eos, 30, 0.9, 0.95, 50)[0] for p, sd in zip(prompts, (11, 12))]
+    ids = lambda groups: [[s["completion_ids"] for s in g] for g in groups]
+    assert ids(batch) == ids(alone), "a story depends on its prompt and seed, not on the batch around it"
+    assert sorted(ended) == [(i, j) for i in range(2) for j in range(3)], "every story reported once when it ends"
+    assert len({len(s["completion_ids"]) for g in batch for s in g}) > 1, "of different lengths"
+
+
+def test_row_sampler_draws_from_generates_distribution(tiny):
+    # The first token of 1,500 samples from our sampler and from generate(do_sample=True), each
+    # against the exact distribution: softmax of the logits at temperature 0.7, cut to the top 4
+    # tokens and then to top-p 0.9. The LM head is scaled so that the logits are far from uniform
+    # and the test can tell temperatures apart.
+    import copy
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    model.lm_head.weight.data *= 40
+    p = rollout.render_prompt(tok, "Write a story.", False)
+    n, T = 1500, 0.7
+
+    def exact(temp):
+        with torch.no_grad():
+            z = model(input_ids=torch.tensor([p])).logits[0, -1].double() / temp
+        keep = z >= z.topk(4).values[-1]
+        q = torch.where(keep, z, -torch.inf).softmax(-1)
+        s, order = q.sort(descending=True)
+        drop = order[s.cumsum(0) - s > 0.9]  # top-p keeps the smallest set whose mass reaches 0.9
+        q[drop] = 0
+        return q / q.sum()
+    [ours] = rollout.sample(model, tok, [p], [5], n, [0], 1, T, 0.9, 4)
+    x = torch.tensor([p] * n)
+    torch.manual_seed(5)
+    ref = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, max_new_tokens=1,
+                         temperature=T, top_p=0.9, top_k=4, pad_token_id=tok.pad_token_id)[:, -1]
+    emp = lambda ids: torch.bincount(torch.as_tensor(ids), minlength=len(tok)).double() / n
+    tv = lambda a, b: 0.5 * (a - b).abs().sum().item()
+    q = exact(T)
+    assert tv(exact(1.5), q) > 0.1, "the test can tell temperature 0.7 from 1.5"
+    assert tv(emp(ref), q) < 0.06, f"generate vs the exact distribution: {tv(emp(ref), q):.3f}"
+    assert tv(emp([s["completion_ids"][0] for s in ours]), q) < 0.06, "our sampler vs the exact distribution"
+
+
+def test_micro_batches_by_token_budget():
+    lengths = [100, 900, 120, 300, 5000, 310]
+    mbs = rollout.micro_batches(lengths, 1000)
+    assert sorted(i for mb in mbs for i in mb) == list(range(6)), "every sequence once"
+    for mb in mbs:
+        assert len(mb) * max(lengths[i] for i in mb) <= 1000 or len(mb) == 1, f"{mb}: padded tokens within the budget"
+    assert [sorted(mb) for mb in mbs] == [[0, 2, 3], [5], [1], [4]], "sorted by length, packed greedily; 5000 alone"
 
 
 def test_memory_plan_for_the_paper_run():
