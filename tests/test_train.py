@@ -95,9 +95,11 @@ def test_memory_plan_refuses_a_9b_run_that_cannot_fit(tmp_path):
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
-    # What sharding must keep equal, with bounds that hold by construction. The loss is a sum of
-    # the same per-sequence terms in another order (float64): equal to 1e-9. The gradient norm is
-    # of fp32 sums of the same 12 per-sequence gradients in another order: equal to 1e-4. The
+    # What sharding must keep equal, with bounds that hold by construction. Each story depends on
+    # its seed alone, so the stories and their rewards are the same: equal to 1e-9. The loss and
+    # the human stories' NLL are the same per-token terms summed in fp32 in other micro-batches
+    # (other padding, other order): equal to 1e-5. The gradient norm is of fp32 sums of the same
+    # per-sequence gradients in another order: equal to 1e-4. The
     # parameters after Adam's first step moved by at most lr each (m / sqrt(v) = sign(g)), so two
     # runs can differ by at most 2 * lr: Adam amplifies summation-order noise in gradients near
     # its eps, so no tighter bound holds. That the update itself is sharded exactly is
@@ -112,7 +114,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert lr == 1e-4 and any((one[k] - base[k]).abs().max() > lr / 2 for k in one), "the step must move the parameters"
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     assert worst <= 2 * lr * (1 + 1e-3), f"2 ranks differ from 1 process by {worst:.2e}, more than 2 lr"
-    for key, rel in (("loss", 1e-9), ("reward", 1e-9), ("ref_nll", 1e-9), ("grad_norm", 1e-4)):
+    for key, rel in (("reward", 1e-9), ("sq", 1e-9), ("loss", 1e-5), ("ref_nll", 1e-5), ("grad_norm", 1e-4)):
         assert m1[key] == pytest.approx(m2[key], rel=rel), f"{key}: {m1[key]} (1 process) vs {m2[key]} (2 ranks)"
     assert os.path.exists(tmp_path / "two/ckpt_000001/optim_rank1.pt"), "each rank saves its optimizer shard"
 
