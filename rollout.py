@@ -210,30 +210,40 @@ class ChunkedLogProb(torch.autograd.Function):
     """log softmax(h @ W.T / T)[target] for N rows, chunk rows at a time, recomputing the
     logits in backward: peak extra memory is one chunk x V float buffer instead of several
     N x V ones (at 8,192 tokens and V = 248,320 the full logits alone are 8 GB in fp32, and
-    log_softmax, its backward and the gradient each add as much)."""
+    log_softmax, its backward and the gradient each add as much). Also returns each row's
+    entropy -sum(p log p) at the same temperature, a metric without gradient.
+
+    The gradient, for z = h @ W.T / T, p = softmax(z) and logp = z[target] - logsumexp(z):
+        d logp / d z = onehot(target) - p                     (c, V), built in place over p
+        d logp / d h = (onehot - p) @ W / T,   d logp / d W = (onehot - p).T @ h / T
+    each row scaled by the incoming gradient g, and the chunks' W-gradients summed."""
 
     @staticmethod
     def forward(ctx, h, W, targets, temperature, chunk):  # h (N, H), W (V, H), targets (N,)
         out = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
+        ent = torch.empty_like(out)
         for i in range(0, h.shape[0], chunk):
             logits = (h[i:i + chunk] @ W.T).float().div_(temperature)  # (c, V)
             target = logits.gather(1, targets[i:i + chunk, None])[:, 0]
-            out[i:i + chunk] = target - _softmax_(logits)
+            out[i:i + chunk] = target - _softmax_(logits)  # logits now holds the probabilities p
+            for j in range(0, len(logits), 128):  # entr(p) = -p log p, 128 rows at a time: no second (c, V) buffer
+                e = torch.special.entr(logits[j:j + 128]).sum(-1)
+                ent[i + j:i + j + len(e)] = e
             del logits  # free it before the next chunk's matmul, or two buffers coexist
         ctx.save_for_backward(h, W, targets)
         ctx.temperature, ctx.chunk = temperature, chunk
-        return out
+        ctx.mark_non_differentiable(ent)
+        return out, ent
 
     @staticmethod
-    def backward(ctx, g):  # g (N,)
+    def backward(ctx, g, _):  # g (N,); the entropy has no gradient
         h, W, targets = ctx.saved_tensors
         gh, gW = torch.zeros_like(h), torch.zeros_like(W)
         for i in range(0, h.shape[0], ctx.chunk):
             hc, tc, gc = h[i:i + ctx.chunk], targets[i:i + ctx.chunk], g[i:i + ctx.chunk] / ctx.temperature
             gl = (hc @ W.T).float().div_(ctx.temperature)  # (c, V), recomputed
             _softmax_(gl)
-            # d logp[target] / d logits = (onehot(target) - softmax) / T, built in place
-            gl.mul_(-gc[:, None])
+            gl.mul_(-gc[:, None])  # g (onehot - p) / T, in place
             gl[torch.arange(len(tc), device=gl.device), tc] += gc
             gl = gl.to(h.dtype)
             gh[i:i + ctx.chunk] = gl @ W
@@ -243,13 +253,21 @@ class ChunkedLogProb(torch.autograd.Function):
 
 
 def token_logprobs(model, input_ids, attention_mask, loss_mask, temperature=1.0, chunk=1024):
-    """(B, T-1) log-probabilities of each next token at the sampling temperature, computed
-    only where loss_mask is set (zeros elsewhere), without materialising the full logits."""
+    """(B, T-1) log-probabilities of each next token, and the entropy of each next-token
+    distribution, computed only where loss_mask is set (zeros elsewhere).
+
+    At the sampling temperature: the stories were drawn from softmax(logits / T), so that is the
+    policy whose log-probs the policy gradient needs (TRL does the same); at T = 0.6 the untempered
+    log-probs would describe a different, flatter policy than the one that acted.
+    Through model.model and the LM head's weight, not model(...): the model's own forward would
+    build the full (B, T, V) logits; the body's last hidden states and get_output_embeddings()
+    (lm_head, or the input embedding when they are tied) let ChunkedLogProb do it chunk by chunk."""
     h = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
     sel = loss_mask.bool()
-    logp = ChunkedLogProb.apply(h[:, :-1][sel], model.get_output_embeddings().weight,
-                                input_ids[:, 1:][sel], temperature, chunk)
-    return torch.zeros(loss_mask.shape, device=h.device, dtype=torch.float32).masked_scatter(sel, logp)
+    logp, ent = ChunkedLogProb.apply(h[:, :-1][sel], model.get_output_embeddings().weight,
+                                     input_ids[:, 1:][sel], temperature, chunk)
+    zeros = torch.zeros(loss_mask.shape, device=h.device, dtype=torch.float32)
+    return zeros.masked_scatter(sel, logp), zeros.masked_scatter(sel, ent)
 
 # -----------------------------------------------------------------------------
 # advantages and loss
@@ -272,24 +290,43 @@ def group_advantages(R, scale_rewards="group", eps=1e-4):
     return A, bool(std < 1e-8)
 
 
-def grpo_loss(logp, old_logp, adv, mask, loss_norm, denom, eps_low=0.2, eps_high=0.28, ref_logp=None, kl_coef=0.0):
-    """The clipped policy-gradient loss of one micro-batch. logp, old_logp, mask (B, T); adv (B,).
+def grpo_loss(logp, old_logp, adv, mask, loss_norm, denom, eps_low=0.2, eps_high=0.28, ref_logp=None, kl_coef=0.0,
+              shaped=None, gamma=0.0):
+    """The clipped policy-gradient loss of one micro-batch, per sequence: (B,), summed by the
+    caller, so that the sampled stories' part and the references' part can be told apart.
+    logp, old_logp, mask (B, T); adv (B,).
+
     On-policy with one update per batch, old_logp = logp.detach(): the ratio is exactly 1,
     clipping never acts and the gradient is -A * grad(log p). `denom` is global, counted over
     every rank and micro-batch, so that summing micro-batches and all-reducing gradients gives
-    exactly the batch loss: 'token' -> total trained tokens (DAPO, TRL), 'seq' -> number of
-    sequences, each sequence first averaged over its tokens (original GRPO), 'constant' ->
-    number of sequences x max_new_tokens (Dr. GRPO)."""
+    exactly the batch loss. loss_norm decides how much a sequence counts:
+      'token'    -> sum over all tokens / total trained tokens: every token counts alike, so a
+                    long story weighs more (DAPO, Yu et al. 2025; TRL's default);
+      'seq'      -> each sequence's mean over its tokens, / number of sequences: every story
+                    counts alike, so each token of a long story counts less (the original GRPO,
+                    Shao et al. 2024; Dr. GRPO showed this biases towards long wrong answers);
+      'constant' -> sum over all tokens / (sequences x max_new_tokens): no length normalisation
+                    at all (Dr. GRPO, Liu et al. 2025).
+
+    shaped (B,) bool and gamma > 0: LUFFY's policy shaping for the teacher-forced references:
+    their tokens' term is -A * f(p) with f(p) = p / (p + gamma), p = exp(logp), in place of the
+    ratio. Its gradient is -A * gamma / (p + gamma)^2 * grad p = -A * [gamma p / (p + gamma)^2]
+    * grad log p: tokens the policy already finds likely (p >> gamma) are damped, so the human
+    story no longer dominates by imitation, and the weight stays bounded as p -> 0."""
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
     per_tok = -torch.min(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
+    if gamma and shaped is not None and shaped.any():
+        p = torch.exp(logp)
+        per_tok = torch.where(shaped[:, None], -a * p / (p + gamma), per_tok)
     if kl_coef:
         d = ref_logp - logp  # k3 estimator of KL(pi || pi_ref), always >= 0
         per_tok = per_tok + kl_coef * (torch.exp(d) - d - 1)
-    per_tok = per_tok * mask
+    per_seq = (per_tok * mask).sum(1)
     if loss_norm == "seq":
-        return (per_tok.sum(1) / mask.sum(1).clamp(min=1)).sum() / denom
-    return per_tok.sum() / denom
+        per_seq = per_seq / mask.sum(1).clamp(min=1)
+    return per_seq / denom
+
 
 # -----------------------------------------------------------------------------
 # memory plan and the tiny model

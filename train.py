@@ -78,6 +78,7 @@ group_size = 6  # samples per group, the human reference included
 n_ref = 1  # human references per group; 0 turns HRI off
 ref_reward = "judge"  # 'judge', or a fixed reward for the reference such as '60'
 ref_mask_think = True
+ref_shaping_gamma = 0.0  # > 0: LUFFY's policy shaping of the reference's tokens, f(p) = p / (p + gamma); 0.1 in LUFFY
 scale_rewards = "group"  # 'group': (R - mean) / (std + eps); 'none': R - mean
 loss_norm = "token"  # 'token', 'seq' or 'constant'
 num_iterations = 1  # optimizer steps per batch; > 1 reuses it with PPO clipping
@@ -132,7 +133,7 @@ def fail(msg):
 check_ranges(config, dict(
     rollout.SAMPLING_RANGES, **judge_lib.RANGES, learning_rate="> 0", max_steps=">= 1", save_interval=">= 1",
     keep_last=">= 1", warmup_steps=">= 0", batch_groups=">= 1", max_ref_words=">= 1", weight_decay=">= 0",
-    beta1="[0, 1)", beta2="[0, 1)", grad_clip=">= 0", micro_batch_tokens=">= 1", logprob_chunk=">= 1",
+    ref_shaping_gamma=">= 0", beta1="[0, 1)", beta2="[0, 1)", grad_clip=">= 0", micro_batch_tokens=">= 1", logprob_chunk=">= 1",
     bucket_numel=">= 1", epsilon="> 0", epsilon_high="> 0", kl_coef=">= 0", num_iterations=">= 1",
     device_memory_gb=">= 0"))
 try:
@@ -318,6 +319,15 @@ def save_checkpoint(step):
     barrier()
 
 
+def policy_logprobs(model, mb):
+    """A micro-batch of samples -> per-token log-probs and entropies at the sampling temperature
+    (B, T-1), and the collated input_ids, attention mask and loss mask."""
+    ids, attn, lm = rollout.collate([(s["prompt_ids"], s["completion_ids"], s["mask"]) for s in mb], tok.pad_token_id)
+    ids, attn, lm = ids.to(device), attn.to(device), lm.to(device)
+    logp, ent = rollout.token_logprobs(model, ids, attn, lm, temperature, logprob_chunk)
+    return logp, ent, ids, attn, lm
+
+
 def step_rows(step):
     """The step's batch_groups global group ids and rows: a fresh permutation each epoch."""
     out = []
@@ -403,56 +413,61 @@ for step in range(start_step, max_steps):
         fail(f"step {step + 1}: {why}; stopped before the update and checkpoint. Reasons: "
              + "; ".join(f"{n} x {e}" for e, n in reasons.most_common(5)))
 
-    # --- rewards and group advantages
-    zero_std = 0
+    # --- rewards and group advantages; where the human reference stands in its group
+    zero_std, ref_adv, ref_neg, ref_rank = 0, [], [], []
     for gid, row, samples in groups:
         R = torch.tensor([s["judged"]["reward"] for s in samples], dtype=torch.float64)
         A, flat = rollout.group_advantages(R, scale_rewards)
         zero_std += flat
         for s, a in zip(samples, A.tolist()):
             s["adv"] = a
+        r = samples[-1]["judged"]["reward"]  # the reference comes last in its group
+        if n_ref and not math.isnan(r):
+            ref_adv.append(samples[-1]["adv"])
+            ref_neg.append(float(samples[-1]["adv"] < 0))  # below its group's mean: HRI pushes away from it
+            ref_rank.append(1.0 + (R > r).sum().item())  # 1 = the best story of its group
     t_judge = time.time() - t1
 
-    # --- policy-gradient loss over micro-batches sorted by length
+    # --- policy-gradient loss over micro-batches of about micro_batch_tokens tokens
     t2 = time.time()
     model.train()
     seqs = [s for _, _, samples in groups for s in samples]
     n_tok = sum(sum(s["mask"]) for s in seqs)
-    totals = torch.tensor([n_tok, len(seqs)], dtype=torch.float64)
+    counts = torch.tensor([n_tok, len(seqs)], dtype=torch.float64)
     if ddp:
-        dist.all_reduce(totals)  # the loss is normalised by counts over all ranks
-    denom = {"token": totals[0].item(), "seq": totals[1].item(), "constant": totals[1].item() * max_new_tokens}[loss_norm]
+        dist.all_reduce(counts)  # trained tokens and sequences over all ranks: the loss's denominator
+    denom = {"token": counts[0].item(), "seq": counts[1].item(), "constant": counts[1].item() * max_new_tokens}[loss_norm]
     micro = [[seqs[i] for i in mb] for mb in rollout.micro_batches(
         [len(s["prompt_ids"]) + len(s["completion_ids"]) for s in seqs], micro_batch_tokens)]
-
-    def forward(mb, grad):
-        ids, attn, lm = rollout.collate([(s["prompt_ids"], s["completion_ids"], s["mask"]) for s in mb], tok.pad_token_id)
-        ids, attn, lm = ids.to(device), attn.to(device), lm.to(device)
-        with torch.set_grad_enabled(grad):
-            return rollout.token_logprobs(model, ids, attn, lm, temperature, logprob_chunk), ids, attn, lm
-
-    old_logps = [forward(mb, False)[0] for mb in micro] if num_iterations > 1 else None
-    loss_sum = ref_nll = ref_tok = train_tokens = 0.0
+    old_logps = None
+    if num_iterations > 1:  # the batch is reused: the ratio needs the log-probs of the policy that sampled it
+        with torch.no_grad():
+            old_logps = [policy_logprobs(model, mb)[0] for mb in micro]
+    loss_on = loss_off = ref_nll = ref_tok = ent_sum = ent_tok = train_tokens = 0.0
     skipped = 0
     t_sync = 0.0
     lr = learning_rate * min(1.0, (step + 1) / max(1, warmup_steps))  # linear warmup, then constant
     for it in range(num_iterations):
         for k, mb in enumerate(micro):
-            logp, ids, attn, lm = forward(mb, True)
+            logp, ent, ids, attn, lm = policy_logprobs(model, mb)
             old = logp.detach() if old_logps is None else old_logps[k]
             ref_logp = None
             if kl_coef:
                 with torch.no_grad():
-                    ref_logp = rollout.token_logprobs(ref_model, ids, attn, lm, temperature, logprob_chunk)
+                    ref_logp = rollout.token_logprobs(ref_model, ids, attn, lm, temperature, logprob_chunk)[0]
             adv = torch.tensor([s["adv"] for s in mb], device=device)
-            loss = rollout.grpo_loss(logp, old, adv, lm, loss_norm, denom, epsilon, epsilon_high, ref_logp, kl_coef)
-            loss.backward()
-            loss_sum += loss.item()
+            is_ref = torch.tensor([s["is_ref"] for s in mb], device=device)
+            per_seq = rollout.grpo_loss(logp, old, adv, lm, loss_norm, denom, epsilon, epsilon_high, ref_logp, kl_coef,
+                                        shaped=is_ref, gamma=ref_shaping_gamma)
+            per_seq.sum().backward()  # the hooks of optim.py take each gradient to its owner rank
+            loss_on += per_seq[~is_ref].sum().item()
+            loss_off += per_seq[is_ref].sum().item()
             if it == 0:
                 train_tokens += attn.sum().item()
-                is_ref = torch.tensor([s["is_ref"] for s in mb], device=device)
                 ref_nll -= (logp.detach() * lm)[is_ref].sum().item()
                 ref_tok += lm[is_ref].sum().item()
+                ent_sum += (ent * lm)[~is_ref].sum().item()
+                ent_tok += lm[~is_ref].sum().item()
         # --- update: the global gradient norm, clipping, the sharded AdamW
         t3 = time.time()
         grad_norm = opt.grad_norm()
@@ -464,27 +479,33 @@ for step in range(start_step, max_steps):
         t_sync += time.time() - t3
     t_train = time.time() - t2 - t_sync
 
-    # --- metrics: (sum, count) pairs on each rank, one all_reduce, the master divides and logs
+    # --- metrics: each rank adds up [sum, count] pairs for the means and plain sums for the
+    # totals; one all_reduce each; then every mean is a sum over ranks / a count over ranks
     rolls, refs = [s for s in seqs if not s["is_ref"]], [s for s in seqs if s["is_ref"]]
 
-    def total(xs, f):  # NaN (a failed judgement) is left out of the count
-        v = [x for x in map(f, xs) if not math.isnan(x)]
+    def pair(values):  # NaN (a failed judgement) counts nowhere
+        v = [x for x in values if not math.isnan(x)]
         return [sum(v), len(v)]
-    means = dict(reward=total(rolls, lambda s: s["judged"]["reward"]), ref_reward=total(refs, lambda s: s["judged"]["reward"]),
-                 sq=total(rolls, lambda s: s["judged"]["sq"]), length_ratio=total(rolls, lambda s: s["judged"]["ratio"]),
-                 truncated=total(rolls, lambda s: s["truncated"]), truncated_in_thinking=total(rolls, lambda s: s["in_thinking"]),
-                 ref_nll=[ref_nll, ref_tok])
-    sums = dict(zero_std_groups=zero_std, judge_failures=sum(s["judged"]["error"] is not None for s in seqs),
-                judge_tokens=sum(s["judged"]["tokens_in"] + s["judged"]["tokens_out"] for s in seqs),
-                judge_cost=sum(s["judged"]["cost"] for s in seqs), loss=loss_sum / num_iterations, gen_tokens=gen_tokens,
-                train_tokens=train_tokens, t_generate=t_gen, t_judge_wait=t_judge, t_train=t_train, t_sync=t_sync,
-                t_checkpoint=t_ckpt)
-    flat = torch.tensor([x for pair in means.values() for x in pair] + list(sums.values()), dtype=torch.float64)
+    means = dict(reward=pair(s["judged"]["reward"] for s in rolls), ref_reward=pair(s["judged"]["reward"] for s in refs),
+                 sq=pair(s["judged"]["sq"] for s in rolls), length_ratio=pair(s["judged"]["ratio"] for s in rolls),
+                 truncated=pair(s["truncated"] for s in rolls), truncated_in_thinking=pair(s["in_thinking"] for s in rolls),
+                 ref_nll=[ref_nll, ref_tok], entropy=[ent_sum, ent_tok], ref_adv=pair(ref_adv), ref_adv_neg=pair(ref_neg),
+                 ref_rank=pair(ref_rank))
+    totals = dict(zero_std_groups=zero_std, judge_failures=sum(s["judged"]["error"] is not None for s in seqs),
+                  judge_tokens=sum(s["judged"]["tokens_in"] + s["judged"]["tokens_out"] for s in seqs),
+                  judge_cost=sum(s["judged"]["cost"] for s in seqs), loss_on=loss_on / num_iterations,
+                  loss_off=loss_off / num_iterations, gen_tokens=gen_tokens, train_tokens=train_tokens, t_generate=t_gen,
+                  t_judge_wait=t_judge, t_train=t_train, t_sync=t_sync, t_checkpoint=t_ckpt)
+    pairs = torch.tensor(list(means.values()), dtype=torch.float64)  # (M, 2)
+    sums = torch.tensor(list(totals.values()), dtype=torch.float64)  # (S,)
     if ddp:
-        dist.all_reduce(flat)
-    flat = flat.tolist()
-    m = {k: flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else math.nan for i, k in enumerate(means)}
-    m.update(zip(sums, flat[2 * len(means):]))
+        dist.all_reduce(pairs)
+        dist.all_reduce(sums)
+    m = {k: s / n if n else math.nan for k, (s, n) in zip(means, pairs.tolist())}
+    m.update(zip(totals, sums.tolist()))
+    m["loss"] = m["loss_on"] + m["loss_off"]
+    if not n_ref:
+        m["loss_off"] = math.nan  # no references: the loss is the sampled stories' alone
     for k in ("t_generate", "t_judge_wait", "t_train", "t_sync", "t_checkpoint"):
         m[k] /= ddp_world_size  # mean seconds per rank
     m.update(step=step, grad_norm=grad_norm, skipped=skipped, lr=lr,
@@ -501,7 +522,9 @@ for step in range(start_step, max_steps):
     if master_process:
         print(f"step {step + 1}/{max_steps} | reward {m['reward']:.1f} (ref {m['ref_reward']:.1f}) | sq {m['sq']:.1f} | "
               f"len {m['length_ratio']:.2f} | trunc {m['truncated']:.2f} | zero-std {m['zero_std_groups']:.0f}/{batch_groups} | "
-              f"ref nll {m['ref_nll']:.2f} | loss {m['loss']:.4f} | gnorm {grad_norm:.2f}{' SKIPPED' if skipped else ''} | "
+              f"ref adv {m['ref_adv']:+.2f} neg {m['ref_adv_neg']:.2f} rank {m['ref_rank']:.1f} nll {m['ref_nll']:.2f} | "
+              f"entropy {m['entropy']:.2f} | loss {m['loss']:.4f} (on {m['loss_on']:.4f} off {m['loss_off']:.4f}) | "
+              f"gnorm {grad_norm:.2f}{' SKIPPED' if skipped else ''} | "
               f"judge fail {m['judge_failures']:.0f} ${m['judge_cost']:.3f} {m['judge_tokens'] / 1e3:.1f}k tok | "
               f"gen {m['t_generate']:.1f}s {m['gen_tok_per_s']:.0f} tok/s | judge wait {m['t_judge_wait']:.1f}s | "
               f"train {m['t_train']:.1f}s {m['train_tok_per_s']:.0f} tok/s | sync {m['t_sync']:.1f}s"

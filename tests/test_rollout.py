@@ -39,7 +39,7 @@ def _batch():
 @pytest.mark.parametrize("norm, denom", [("token", 9.0), ("seq", 3.0), ("constant", 3.0 * 8)])
 def test_loss_normalisations_and_ratio_one_gradient(norm, denom):
     logp, mask, adv = _batch()
-    loss = rollout.grpo_loss(logp, logp.detach(), adv, mask, norm, denom)
+    loss = rollout.grpo_loss(logp, logp.detach(), adv, mask, norm, denom).sum()
     per_seq = -(adv[:, None] * mask).sum(1)  # ratio is 1: each token contributes -A
     expected = (per_seq / mask.sum(1)).sum() / denom if norm == "seq" else per_seq.sum() / denom
     assert torch.allclose(loss, expected), f"{norm}: {loss.item()} != {expected.item()}"
@@ -48,10 +48,25 @@ def test_loss_normalisations_and_ratio_one_gradient(norm, denom):
     assert torch.allclose(logp.grad, -adv[:, None] * mask / scale / denom), "gradient must be -A * grad(log p)"
 
 
+def test_policy_shaping_gradient_matches_luffy():
+    logp, mask, adv = _batch()
+    logp = (logp.detach() - 2).requires_grad_()  # p = exp(logp) spread over (0, 1)
+    shaped, gamma = torch.tensor([False, True, True]), 0.1
+    per_seq = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0, shaped=shaped, gamma=gamma)
+    per_seq.sum().backward()
+    p = logp.detach().exp()
+    expect = -adv[:, None] * mask / 9.0  # -A * grad log p for the sampled story
+    expect[1:] = (-adv[:, None] * gamma * p / (p + gamma) ** 2 * mask / 9.0)[1:]  # shaped references
+    assert torch.allclose(logp.grad, expect), "gradient of -A p/(p+gamma) is -A gamma p/(p+gamma)^2 grad log p"
+    assert torch.allclose(per_seq[1:], (-adv[:, None] * p / (p + gamma) * mask).sum(1)[1:] / 9.0), "the shaped loss value"
+    weight = gamma * p / (p + gamma) ** 2
+    assert weight.max() <= 1 / (4 * gamma) + 1e-9 and weight[p > 0.5].max() < 0.25, "bounded, and small for likely tokens"
+
+
 def test_clipping_acts_only_off_policy():
     logp, mask, adv = _batch()
     old = logp.detach() - 0.5  # ratio e^0.5 = 1.65 > 1 + 0.28 for every token
-    loss = rollout.grpo_loss(logp, old, adv, mask, "token", 9.0, 0.2, 0.28)
+    loss = rollout.grpo_loss(logp, old, adv, mask, "token", 9.0, 0.2, 0.28).sum()
     loss.backward()
     assert torch.all(logp.grad[adv > 0] == 0), "positive advantage past 1 + epsilon_high: clipped, no gradient"
     assert torch.all(logp.grad[1][mask[1] > 0] != 0), "negative advantage is not clipped above"
@@ -59,9 +74,9 @@ def test_clipping_acts_only_off_policy():
 
 def test_kl_term_is_zero_at_the_reference_and_positive_elsewhere():
     logp, mask, adv = _batch()
-    base = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0)
-    same = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0, ref_logp=logp.detach(), kl_coef=0.1)
-    moved = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0, ref_logp=logp.detach() - 1, kl_coef=0.1)
+    base = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0).sum()
+    same = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0, ref_logp=logp.detach(), kl_coef=0.1).sum()
+    moved = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0, ref_logp=logp.detach() - 1, kl_coef=0.1).sum()
     assert torch.allclose(base, same) and moved > base, "k3 KL: 0 at the reference, positive away from it"
 
 
@@ -74,9 +89,11 @@ def test_chunked_logprobs_equal_naive_with_gradients():
     w = torch.randn(N)  # a random downstream weighting, so every gradient path is exercised
     naive = (h @ W.T / 0.7).log_softmax(-1).gather(1, t[:, None])[:, 0]
     gh, gW = torch.autograd.grad((naive * w).sum(), (h, W))
-    chunked = rollout.ChunkedLogProb.apply(h, W, t, 0.7, 8)
+    chunked, ent = rollout.ChunkedLogProb.apply(h, W, t, 0.7, 8)
     ch, cW = torch.autograd.grad((chunked * w).sum(), (h, W))
     assert torch.allclose(chunked, naive, atol=1e-5), "values differ"
+    p = (h @ W.T / 0.7).softmax(-1)
+    assert torch.allclose(ent, -(p * p.log()).sum(-1), atol=1e-5) and not ent.requires_grad, "entropy at temperature"
     assert torch.allclose(ch, gh, atol=1e-5) and torch.allclose(cW, gW, atol=1e-5), "gradients differ"
 
 
@@ -85,7 +102,7 @@ def test_token_logprobs_on_the_model_and_padding_invariance(tiny):
     torch.manual_seed(1)
     a, b = torch.randint(5, len(tok), (23,)).tolist(), torch.randint(5, len(tok), (40,)).tolist()
     ids, attn, lm = rollout.collate([(a[:5], a[5:], [1] * 18), (b[:5], b[5:], [1] * 35)], tok.pad_token_id)
-    lp = rollout.token_logprobs(model, ids, attn, lm, temperature=0.8, chunk=7)
+    lp, _ = rollout.token_logprobs(model, ids, attn, lm, temperature=0.8, chunk=7)
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / 0.8
     naive = logits.log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0] * lm
     assert torch.allclose(lp, naive, atol=1e-5), "chunked log-probs differ from the full logits"
@@ -93,8 +110,8 @@ def test_token_logprobs_on_the_model_and_padding_invariance(tiny):
     g2 = torch.autograd.grad(naive.sum(), model.lm_head.weight)[0]
     assert torch.allclose(g1, g2, atol=1e-5), "LM-head gradients differ"
     ids1, attn1, lm1 = rollout.collate([(a[:5], a[5:], [1] * 18)], tok.pad_token_id)
-    alone = rollout.token_logprobs(model, ids1, attn1, lm1)
-    batched = rollout.token_logprobs(model, ids, attn, lm)[:1, : alone.shape[1]]
+    alone = rollout.token_logprobs(model, ids1, attn1, lm1)[0]
+    batched = rollout.token_logprobs(model, ids, attn, lm)[0][:1, : alone.shape[1]]
     assert torch.allclose(alone, batched, atol=1e-5), "right padding changed a sequence's log-probs"
     assert lm[0, 4:22].all() and not lm[0, :4].any() and not lm[0, 22:].any(), "loss mask covers the completion only"
 

@@ -1,5 +1,6 @@
 """train.py runs as a subprocess (it executes on import), on the tiny model and the local judge."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -32,6 +33,10 @@ def test_two_steps_write_a_loadable_checkpoint(tmp_path):
     assert "step 2/2 | reward" in p.stdout, "one log line per step"
     metrics = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert len(metrics) == 2 and all(m["judge_failures"] == 0 for m in metrics), "metrics.jsonl has every step"
+    for m in metrics:  # what HRI does, step by step
+        assert m["loss_on"] + m["loss_off"] == pytest.approx(m["loss"]) and m["loss_off"] < 0 < m["loss_on"], m
+        assert 1 <= m["ref_rank"] <= 6 and 0 <= m["ref_adv_neg"] <= 1 and not math.isnan(m["ref_adv"]), m
+        assert 6.0 < m["entropy"] < math.log(1028) + 1e-3, "a random model's entropy is near log(vocabulary)"
     rolls = [json.loads(l) for l in open(tmp_path / "rollouts.jsonl")]
     assert len(rolls) == 2 * 2 * 6 and sum(r["is_ref"] for r in rolls) == 4, "every story of every group is logged"
     assert all(len(r["scores"]) == 16 for r in rolls), "with its 16 scores"
@@ -212,3 +217,21 @@ def test_a_step_with_too_many_judge_failures_stops_the_run(tmp_path):
         p.stderr[-2000:]
     assert "12 x HTTP 503; gave up after 1 attempts" in p.stderr, "the reasons, counted"
     assert not (tmp_path / "metrics.jsonl").exists(), "stopped before the update"
+
+
+def test_reference_metrics_and_shaping(tmp_path):
+    # a fixed reward below every story puts the reference last with a negative advantage
+    p = train(tmp_path / "low", "--max_steps=1", "--ref_reward=-500", *FAST)
+    m = json.loads(open(tmp_path / "low/metrics.jsonl").readline())
+    assert m["ref_rank"] == 6 and m["ref_adv_neg"] == 1 and m["ref_adv"] < 0, m
+    assert "ref adv -" in p.stdout and "neg 1.00 rank 6.0" in p.stdout, "on the step line"
+    # shaping changes only the references' part of the loss: -A p / (p + gamma) instead of -A (ratio 1)
+    train(tmp_path / "shaped", "--max_steps=1", "--ref_shaping_gamma=0.1", *FAST)
+    plain = json.loads(open(tmp_path / "low/metrics.jsonl").readline())
+    shaped = json.loads(open(tmp_path / "shaped/metrics.jsonl").readline())
+    assert shaped["ref_adv"] > 0 and -shaped["loss_off"] < shaped["ref_adv"] * 0.1, \
+        "a random model gives each human token p ~ 1/V << gamma: f(p) ~ p / gamma, a small loss"
+    assert shaped["reward"] == plain["reward"], "rollouts unchanged"
+    train(tmp_path / "none", "--max_steps=1", "--n_ref=0", *FAST)
+    m = json.loads(open(tmp_path / "none/metrics.jsonl").readline())
+    assert all(math.isnan(m[k]) for k in ("ref_adv", "ref_adv_neg", "ref_rank", "loss_off")) and m["loss"] == m["loss_on"], m
