@@ -16,7 +16,13 @@ Rows:
 4. scaling: the tiny step at requested lengths of 125-1,000 words (max_new_tokens scaled),
    seconds per phase, and the fitted exponent of time against length.
 5. CUDA only: one micro-batch of a 9B-architecture model (random bf16 weights) on 8,192 tokens,
-   and generation of 5 x 1,024 tokens against the memory-bandwidth limit.
+   and generation of 10 x 1,024 tokens (a rank's two groups of 5) against the bandwidth limit.
+6. throughput: generation tokens/s by batch size with generate() and with rollout.sample (its
+   per-row sampler inside generate); train tokens/s by micro_batch_tokens; the relative error of
+   12 micro-batches' gradients summed in bf16 and in fp32 against fp64; the per-rank memory plan
+   of the 9B on 4 ranks before (bf16 gradient replica) and after (fp32 shards, optim.py); and,
+   when trl is installed, the tiny step against TRL's GRPOTrainer on the same workload (2 prompts
+   x 6 completions x 96 tokens, no reference, the local judge), alternating. Target: <= 0.7x.
 """
 import json
 import math
@@ -43,7 +49,10 @@ naive_limit_gb = 20.0  # address-space limit for the naive variant on the CPU
 judge_requests, judge_workers, judge_latency = 64, 16, 0.2
 scaling_words = [125, 250, 500, 1000]
 tokens_per_word = 2.0  # max_new_tokens = words x this, for the tiny tokenizer
-worker = ""  # internal: 'chunked:8192' runs one log-prob variant in this process and prints JSON
+gen_batches = [1, 5, 10, 20]
+train_budgets = [512, 1024, 2048, 4096, 8192]
+peer_rounds, peer_steps = 2, 5  # TRL vs polaris: alternating rounds of this many steps (the first is warm-up)
+worker = ""  # internal: 'chunked:8192' runs one log-prob variant in this process, 'trl:5' TRL; prints JSON
 c = configure(globals())
 ROOT = os.path.dirname(os.path.abspath(__file__))
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,6 +68,40 @@ def small_model(vocab_size, hidden=64, layers=1, dtype=torch.float32):
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
 
+
+if worker.startswith("trl:"):  # the peer: TRL's GRPOTrainer on polaris's tiny model and local judge
+    import datasets
+    import trl
+    from transformers import TrainerCallback
+    import judge as judge_lib
+    import rollout
+    model, tok = rollout.build_tiny([os.path.join(ROOT, "data/sample/train.jsonl")], seed=1337)
+    data = [json.loads(l) for l in open(os.path.join(ROOT, "data/sample/train.jsonl"))]
+    ds = datasets.Dataset.from_list([dict(prompt=[dict(role="user", content=r["prompt"])], target_words=r["target_words"])
+                                     for r in data])
+    judge = judge_lib.Judge("local", "polaris-local", workers=8)
+
+    def reward(prompts, completions, target_words, **kw):
+        res, _ = judge.score([dict(prompt=p[-1]["content"], target_words=t, story=c[0]["content"])
+                              for p, c, t in zip(prompts, completions, target_words)])
+        return [r["reward"] for r in res]
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = trl.GRPOConfig(output_dir=tmp, per_device_train_batch_size=12, num_generations=6, max_completion_length=96,
+                             temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-2, max_steps=int(worker[4:]),
+                             report_to="none", use_cpu=True, save_strategy="no", beta=0.0, seed=1337,
+                             chat_template_kwargs={"enable_thinking": False}, disable_tqdm=True)
+        trl.GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tok,
+                        callbacks=[Timer()]).train()
+    print(json.dumps(dict(step_s=times)))
+    sys.exit(0)
 
 if worker:  # one variant, alone in its process, so its peak memory is its own
     import rollout
@@ -210,7 +253,7 @@ if device == "cuda":
                  f"budget {budget:.1f} GB = 80 GB - AdamW shard {12 * n / 4 / 1e9:.1f} GB ({'fits' if peak <= budget else 'DOES NOT FIT'})"))
     big.zero_grad(set_to_none=True)
     big.eval()
-    prompt = torch.randint(0, cfg.vocab_size, (5, 64), device="cuda")
+    prompt = torch.randint(0, cfg.vocab_size, (10, 64), device="cuda")  # a rank's 2 groups of 5, in one batch
     torch.cuda.synchronize()
     t = time.perf_counter()
     with torch.no_grad():
@@ -221,10 +264,90 @@ if device == "cuda":
     name = torch.cuda.get_device_name()
     bandwidth = next((bw for key, bw in (("H200", 4.8e12), ("H100", 3.35e12), ("A100", 2.0e12)) if key in name), None)
     steps_limit = bandwidth / (2 * n) if bandwidth else math.nan  # each decode step reads every bf16 weight once
-    rows.append((f"9B generation, 5 x 1,024 new tokens on {name}", f"{5 * 1024 / secs:.0f} tok/s ({1024 / secs:.1f} steps/s)",
+    rows.append((f"9B generation, 10 x 1,024 new tokens on {name}", f"{10 * 1024 / secs:.0f} tok/s ({1024 / secs:.1f} steps/s)",
                  f"bandwidth limit {steps_limit:.0f} steps/s: {1024 / secs / steps_limit:.0%} of it" if bandwidth else "unknown GPU bandwidth"))
 else:
     rows.append(("9B micro-batch and generation rows", "skipped: no CUDA device", "run `python bench.py` on a GPU machine"))
+
+# -----------------------------------------------------------------------------
+# 6. throughput: batched generation, micro-batch budgets, fp32 accumulation, memory, TRL
+print("6. throughput ...", flush=True)
+import rollout  # noqa: E402
+from optim import ShardedAdamW  # noqa: E402
+tiny, tok = rollout.build_tiny([os.path.join(ROOT, "data/sample/train.jsonl")], seed=1337)
+tiny.to(device).eval()
+data = [json.loads(l) for l in open(os.path.join(ROOT, "data/sample/train.jsonl"))]
+prompt = rollout.render_prompt(tok, data[0]["prompt"], False)
+never = [len(tok)]  # an eos id no token has: every row decodes the full 96 tokens
+for b in gen_batches:
+    x = torch.tensor([prompt] * b, device=device)
+    tiny.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, max_new_tokens=4, pad_token_id=0)
+    t = time.perf_counter()
+    tiny.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, max_new_tokens=96, min_new_tokens=96,
+                  top_k=None, pad_token_id=0)
+    t_gen = time.perf_counter() - t
+    t = time.perf_counter()
+    rollout.sample(tiny, tok, [prompt], [0], b, never, 96, enable_thinking=False)
+    t_ours = time.perf_counter() - t
+    rows.append((f"tiny generation, batch {b}, 96 new tokens", f"generate {b * 96 / t_gen:.0f} tok/s, "
+                 f"rollout.sample {b * 96 / t_ours:.0f} tok/s", "per-row seeds cost" if b == 1 else ""))
+# a tiny step's batch: 10 rollouts of 96 tokens and 2 human references
+seqs = [(prompt, torch.randint(5, len(tok), (96,)).tolist(), [1] * 96) for _ in range(10)]
+seqs += [rollout.reference_tokens(tok, r["prompt"], r["story"], False, rollout.eos_ids(tiny, tok)) for r in data[:2]]
+tiny.train()
+opt = ShardedAdamW([p for p in tiny.parameters()])
+n_tokens = sum(len(p) + len(c) for p, c, _ in seqs)
+for budget in train_budgets:
+    t = time.perf_counter()
+    for _ in range(2):
+        for mb in rollout.micro_batches([len(p) + len(c) for p, c, _ in seqs], budget):
+            ids, attn, lm = rollout.collate([seqs[i] for i in mb], tok.pad_token_id)
+            logp, _ = rollout.token_logprobs(tiny, ids.to(device), attn.to(device), lm.to(device), 1.0, chunk)
+            (-(logp * lm.to(device)).sum() / lm.sum()).backward()
+        opt.zero_grad()
+    secs = (time.perf_counter() - t) / 2
+    n_mb = len(rollout.micro_batches([len(p) + len(c) for p, c, _ in seqs], budget))
+    rows.append((f"tiny train pass, micro_batch_tokens={budget}", f"{n_tokens / secs:.0f} tok/s ({n_mb} micro-batches)",
+                 "12 sequences: 10 x 96-token rollouts, 2 references"))
+# 12 micro-batch gradients that share a direction and whose advantages cancel, as a group's do
+g = torch.Generator().manual_seed(0)
+shared = torch.randn(1_000_000, generator=g, dtype=torch.float64)
+adv = torch.randn(12, generator=g, dtype=torch.float64)
+adv -= adv.mean()
+grads = [a * (shared + 0.3 * torch.randn(1_000_000, generator=g, dtype=torch.float64)) for a in adv]
+exact = sum(grads)
+err = lambda x: ((x.double() - exact).norm() / exact.norm()).item()
+acc16, acc32 = torch.zeros(1_000_000, dtype=torch.bfloat16), torch.zeros(1_000_000, dtype=torch.float32)
+for x in grads:  # each micro-batch's gradient comes out of a bf16 backward: rounded once
+    acc16 += x.to(torch.bfloat16)
+    acc32 += x.to(torch.bfloat16).float()
+rows.append(("gradient sum of 12 micro-batches, relative error vs fp64", f"bf16 accumulation {err(acc16):.2%}, fp32 accumulation "
+             f"{err(acc32):.2%}, one bf16 rounding of the exact sum {err(exact.to(torch.bfloat16)):.2%}",
+             "optim.py sums in fp32 at each owner"))
+from transformers import AutoModelForCausalLM, Qwen3_5TextConfig  # noqa: E402
+with torch.device("meta"):  # the 9B architecture (transformers' defaults), counted without allocating it
+    n9 = sum(p.numel() for p in AutoModelForCausalLM.from_config(Qwen3_5TextConfig()).parameters())
+before = n9 * 2 + n9 * 2 + 12 * n9 / 4
+after = rollout.memory_plan(n9, 4, 2, activations=rollout.activation_bytes(Qwen3_5TextConfig(), 9216, chunk, True, 2))
+rows.append(("9B memory plan per rank, 4 ranks", f"before {before / 1e9:.1f} GB (bf16 weights + bf16 gradient replica + "
+             f"AdamW shard); after {sum(after.values()) / 1e9:.1f} GB (" + " + ".join(f"{k} {v / 1e9:.1f}" for k, v in after.items())
+             + ")", "A100 80 GB"))
+try:
+    import trl  # noqa: F401
+    peer, ours = [], []
+    for _ in range(peer_rounds):
+        p = subprocess.run([sys.executable, "bench.py", f"--worker=trl:{peer_steps}"], capture_output=True, text=True, cwd=ROOT)
+        lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+        if not lines:
+            sys.exit(f"the TRL peer failed:\n{p.stderr[-2000:]}")
+        peer += json.loads(lines[-1])["step_s"][1:]
+        ours += [r["t_step"] for r in tiny_run(["--n_ref=0", f"--max_steps={peer_steps}", "--save_interval=1000"])[1:]]
+    ratio = float(np.median(ours) / np.median(peer))
+    rows.append(("tiny step vs TRL GRPOTrainer, 2 x 6 x 96 tokens, no reference, local judge",
+                 f"polaris {np.median(ours):.2f} s, TRL {np.median(peer):.2f} s (medians, {len(ours)} steps each, "
+                 f"alternating): ratio {ratio:.2f}", f"target <= 0.7 ({'met' if ratio <= 0.7 else 'MISSED'})"))
+except ImportError:
+    rows.append(("tiny step vs TRL GRPOTrainer", "skipped: trl is not installed", "pip install trl, then python bench.py"))
 
 # -----------------------------------------------------------------------------
 cpu = platform.processor() or platform.machine()

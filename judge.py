@@ -158,12 +158,12 @@ class Judge:
 
     # --- HTTP with retries, behind a disk cache
 
-    def chat(self, messages, extra=None, cache_empty=True):
+    def chat(self, messages, cache_empty=True):
         """One chat completion: {content, reasoning, usage, finish_reason, cached: 1 if from the
-        disk cache else 0}. Raises JudgeError. Also generates from API models (eval.py), with
-        `extra` body fields on top of the client's; cache_empty=False leaves a reply with empty
-        content out of the cache, so that a later run asks again."""
-        body = dict(self.extra, **(extra or {}), model=self.model, messages=messages)
+        disk cache else 0}. Raises JudgeError. Also generates from API models (eval.py), where
+        cache_empty=False leaves a reply with empty content out of the cache, so that a later
+        run asks again."""
+        body = dict(self.extra, model=self.model, messages=messages)
         key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         path = os.path.join(self.cache_dir, key[:2], key + ".json") if self.cache_dir else None
         if path and os.path.exists(path):

@@ -8,13 +8,14 @@ POLARIS: GRPO with an LLM-judge reward and human-reference injection, for long-f
 
 The algorithm's choices, in the order they happen each step:
 1. Groups. batch_groups prompts per step; for each, the policy samples group_size - n_ref
-   stories (thinking on for the paper run) in one generate call, and n_ref human stories for
-   the same prompt join the group (HRI). Each rank owns whole groups: batch_groups / world.
+   stories (thinking on for the paper run), and n_ref human stories for the same prompt join
+   the group (HRI). Each rank owns whole groups (batch_groups / world) and decodes all of its
+   stories in one batch; a story depends on (seed, step, group) alone, whatever the batch.
 2. Reward. Every story, the human one included (ref_reward='judge'), is scored by the LLM
    judge on the 16-dimension rubric: R = SQ - length_weight * (1 - length_score). The thinking
    trace is stripped before judging; a story truncated inside its thinking is empty and gets
-   the minimum reward. Judging overlaps generation: a group goes to the judge's thread pool
-   as soon as it is sampled.
+   the minimum reward. Judging overlaps generation: a story goes to the judge's thread pool
+   the step it ends, while longer ones are still decoding.
 3. Advantage. Over the whole group, reference included: (R - mean) / (std + eps), or R - mean
    with scale_rewards='none'. A NaN reward (the judge failed) is left out and gets A = 0.
 4. Reference tokens. The human story is teacher-forced as the tokens the policy would emit
@@ -25,10 +26,13 @@ The algorithm's choices, in the order they happen each step:
    1, clipping never acts, and the gradient is -A * grad(log p) at the sampling temperature.
    With num_iterations > 1 the batch is reused with clipping (epsilon, epsilon_high). Token
    mean over all ranks and micro-batches (loss_norm='token'); 'seq' and 'constant' for the
-   original GRPO and Dr. GRPO. KL to the initial policy only if kl_coef > 0.
-6. Update. Gradients all-reduced by hand in flat buckets, clipped, and applied by a sharded
-   AdamW: each parameter has one owner rank that keeps its fp32 master copy and moments,
-   updates it and broadcasts it. A step whose gradient is not finite is skipped.
+   original GRPO and Dr. GRPO (rollout.grpo_loss says what each weighs). KL to the initial
+   policy only if kl_coef > 0. ref_shaping_gamma > 0 replaces the reference tokens' log p by
+   LUFFY's p / (p + gamma), which damps imitation of tokens the policy already finds likely.
+6. Update. As backward finishes each gradient it is summed in fp32 at the rank that owns the
+   parameter (optim.py, ZeRO-2 by hand); the global norm is clipped; each owner applies AdamW
+   to its fp32 master copy and broadcasts the new weights. A step whose gradient is not finite
+   is skipped.
 """
 import collections
 import glob
@@ -80,7 +84,7 @@ ref_reward = "judge"  # 'judge', or a fixed reward for the reference such as '60
 ref_mask_think = True
 ref_shaping_gamma = 0.0  # > 0: LUFFY's policy shaping of the reference's tokens, f(p) = p / (p + gamma); 0.1 in LUFFY
 scale_rewards = "group"  # 'group': (R - mean) / (std + eps); 'none': R - mean
-loss_norm = "token"  # 'token', 'seq' or 'constant'
+loss_norm = "token"  # 'token' (DAPO: every token alike), 'seq' (GRPO: every story alike), 'constant' (Dr. GRPO)
 num_iterations = 1  # optimizer steps per batch; > 1 reuses it with PPO clipping
 epsilon, epsilon_high = 0.2, 0.28
 kl_coef = 0.0
@@ -133,9 +137,9 @@ def fail(msg):
 check_ranges(config, dict(
     rollout.SAMPLING_RANGES, **judge_lib.RANGES, learning_rate="> 0", max_steps=">= 1", save_interval=">= 1",
     keep_last=">= 1", warmup_steps=">= 0", batch_groups=">= 1", max_ref_words=">= 1", weight_decay=">= 0",
-    ref_shaping_gamma=">= 0", beta1="[0, 1)", beta2="[0, 1)", grad_clip=">= 0", micro_batch_tokens=">= 1", logprob_chunk=">= 1",
-    bucket_numel=">= 1", epsilon="> 0", epsilon_high="> 0", kl_coef=">= 0", num_iterations=">= 1",
-    device_memory_gb=">= 0"))
+    ref_shaping_gamma=">= 0", beta1="[0, 1)", beta2="[0, 1)", grad_clip=">= 0", micro_batch_tokens=">= 1",
+    logprob_chunk=">= 1", bucket_numel=">= 1", epsilon="> 0", epsilon_high="> 0", kl_coef=">= 0",
+    num_iterations=">= 1", device_memory_gb=">= 0"))
 try:
     rollout.check_sampling(repetition_penalty, presence_penalty)
 except ValueError as e:
@@ -508,7 +512,7 @@ for step in range(start_step, max_steps):
         m["loss_off"] = math.nan  # no references: the loss is the sampled stories' alone
     for k in ("t_generate", "t_judge_wait", "t_train", "t_sync", "t_checkpoint"):
         m[k] /= ddp_world_size  # mean seconds per rank
-    m.update(step=step, grad_norm=grad_norm, skipped=skipped, lr=lr,
+    m.update(step=step, t_step=time.time() - t0, grad_norm=grad_norm, skipped=skipped, lr=lr,
              gen_tok_per_s=m["gen_tokens"] / max(m["t_generate"] * ddp_world_size, 1e-9),
              train_tok_per_s=m["train_tokens"] / max(m["t_train"] * ddp_world_size, 1e-9))
     records = [dict(step=step, group=gid, id=row["id"], is_ref=s["is_ref"], story=s["story"],

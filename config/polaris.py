@@ -4,7 +4,8 @@
 # Batch: 8 groups x 6 = 48 sequences per step (40 sampled stories + 8 human references),
 # 2 groups per rank on 4 GPUs. 160 steps x 8 prompts = 1,280 prompts: about one pass over the
 # paper's ~1,388 prompt-story pairs. Memory per A100 80GB (printed at start): bf16 weights
-# 18 GB + bf16 grads 18 GB + a quarter of AdamW's 12 bytes x 9B = 27 GB, activations on top.
+# 18 GB + a quarter of the fp32 gradient sum 9 GB + a quarter of AdamW's 12 bytes x 9B 27 GB
+# + ~6 GB of activations for a 9,216-token micro-batch = 59 GB.
 # I/O
 out_dir = "out/polaris"
 save_interval = 20  # 8 checkpoints in a ~48 h run: a crash loses at most ~6 h
@@ -23,6 +24,7 @@ group_size = 6  # the card: 5 rollouts + 1 human reference
 n_ref = 1  # HRI on; 0 for the ablation
 ref_reward = "judge"  # the reference is judged like every rollout
 ref_mask_think = True  # never train the reference's empty thinking block
+ref_shaping_gamma = 0.0  # not in the card: 0.1 tries LUFFY's shaping if entropy collapses or ref_nll falls too fast
 scale_rewards = "group"  # standard GRPO: (R - mean) / (std + eps) within the group
 loss_norm = "token"  # token mean over the whole batch (DAPO, TRL's default)
 num_iterations = 1  # strictly on-policy: one update per batch, ratio 1

@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import judge as judge_lib  # noqa: E402
 import rubric  # noqa: E402
-from configurator import configure  # noqa: E402
+from configurator import check_ranges, configure  # noqa: E402
 
 src = ""  # folder of .txt stories
 out_dir = "data/mine"
@@ -31,6 +31,7 @@ heldout_percent = 10  # share of stories held out for evaluation, chosen by a ha
 globals().update(judge_lib.DEFAULTS)  # judge_url (the LLM that writes the premises), judge_model, ...
 judge_reasks = 0  # a premise is free text: nothing to re-ask about
 c = configure(globals())
+check_ranges(c, dict(judge_lib.RANGES, max_ref_words=">= 1", heldout_percent="[0, 100]"))
 
 PREMISE_PROMPT = """Read the story between the marker lines and reply with its premise: one sentence,
 a noun phrase of at most 20 words that completes "Write a story about ...", such as
