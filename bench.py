@@ -116,7 +116,7 @@ if worker:  # one variant, alone in its process, so its peak memory is its own
     t = time.perf_counter()
     try:
         if variant == "chunked":
-            logp = rollout.token_logprobs(model, ids, attn, lm, 1.0, chunk)
+            logp = rollout.token_logprobs(model, ids, attn, lm, 1.0, chunk)[0]
         else:  # the naive path: the whole (T, V) logits, log_softmax, gather
             logp = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float().log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0]
         logp.sum().backward()
@@ -243,7 +243,7 @@ if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, cfg.vocab_size, (1, 8192), device="cuda")
     t = time.perf_counter()
-    logp = rollout.token_logprobs(big, ids, torch.ones_like(ids), torch.ones(1, 8191, device="cuda"), 0.6, chunk)
+    logp = rollout.token_logprobs(big, ids, torch.ones_like(ids), torch.ones(1, 8191, device="cuda"), 0.6, chunk)[0]
     (-logp.mean()).backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 1e9
@@ -321,9 +321,11 @@ acc16, acc32 = torch.zeros(1_000_000, dtype=torch.bfloat16), torch.zeros(1_000_0
 for x in grads:  # each micro-batch's gradient comes out of a bf16 backward: rounded once
     acc16 += x.to(torch.bfloat16)
     acc32 += x.to(torch.bfloat16).float()
-rows.append(("gradient sum of 12 micro-batches, relative error vs fp64", f"bf16 accumulation {err(acc16):.2%}, fp32 accumulation "
-             f"{err(acc32):.2%}, one bf16 rounding of the exact sum {err(exact.to(torch.bfloat16)):.2%}",
-             "optim.py sums in fp32 at each owner"))
+exact32 = sum(x.float() for x in grads)  # fp32 gradients summed in fp32: the accumulation's own error
+rows.append(("gradient sum of 12 micro-batches, relative error vs fp64",
+             f"bf16 sums {err(acc16):.2%}; fp32 sums of bf16 gradients {err(acc32):.2%}; fp32 sums of fp32 gradients "
+             f"{err(exact32):.4%}; one bf16 rounding of the exact sum {err(exact.to(torch.bfloat16)):.2%}",
+             "optim.py sums in fp32: what remains is each bf16 backward's own rounding, amplified where advantages cancel"))
 from transformers import AutoModelForCausalLM, Qwen3_5TextConfig  # noqa: E402
 with torch.device("meta"):  # the 9B architecture (transformers' defaults), counted without allocating it
     n9 = sum(p.numel() for p in AutoModelForCausalLM.from_config(Qwen3_5TextConfig()).parameters())
