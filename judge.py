@@ -194,11 +194,14 @@ class Judge:
         """The response body, read with a cap: a 60 MB reply must not reach memory whole, the
         judge's re-ask, or the cache."""
         body = b""
-        for piece in r.iter_content(65536):
+        while len(body) <= self.max_reply_bytes:
+            piece = r.raw.read(self.max_reply_bytes + 1 - len(body), decode_content=True)
+            if not piece:
+                break
             body += piece
-            if len(body) > self.max_reply_bytes:
-                r.close()
-                raise JudgeError(f"reply of over {self.max_reply_bytes} bytes (judge_max_reply_bytes) from {self.url}")
+        if len(body) > self.max_reply_bytes:
+            r.close()
+            raise JudgeError(f"reply of over {self.max_reply_bytes} bytes (judge_max_reply_bytes) from {self.url}")
         return body
 
     def _post(self, body):
