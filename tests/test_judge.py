@@ -37,6 +37,7 @@ class FaultServer:
                     action = outer.script.pop(0) if outer.script else ("reply", None)
                     outer.inflight += 1
                     outer.max_inflight = max(outer.max_inflight, outer.inflight)
+                self.counted = True
                 try:
                     time.sleep(outer.latency)
                     kind = action[0]
@@ -57,10 +58,16 @@ class FaultServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and left
                 finally:
+                    self._leave()
+
+            def _leave(self):
+                if self.counted:
+                    self.counted = False
                     with outer.lock:
                         outer.inflight -= 1
 
             def _send(self, code, data, headers=None):
+                self._leave()  # answered: the client may send its next request as soon as it reads this
                 self.send_response(code)
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)

@@ -37,7 +37,8 @@ def run(world, rank, micro_batches, steps=3):
 
 def worker(rank, port, q):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    q.put((rank, run(2, rank, micro_batches=[rank, rank + 2])))
+    ps, norms = run(2, rank, micro_batches=[rank, rank + 2])
+    q.put((rank, ([p.numpy() for p in ps], norms)))  # numpy arrays travel by value, not as shared memory
     dist.destroy_process_group()
 
 
@@ -60,6 +61,6 @@ def test_two_gloo_ranks_update_exactly_like_one_process():
     for rank, (ps, ns) in out.items():
         # the same fp32 shard norms added in float64 in another order
         assert all(abs(a - b) < 1e-12 * b for a, b in zip(ns, norms)), f"rank {rank}: gradient norms {ns} vs {norms}"
-        for a, b in zip(ps, one):
+        for a, b in zip(map(torch.from_numpy, ps), one):
             assert torch.equal(a, b), f"rank {rank}: parameters differ from 1 process by {(a - b).abs().max():.2e}"
     assert not torch.equal(one[0], params()[0]), "the steps moved the parameters"
