@@ -164,7 +164,7 @@ if resume and not ckpts:
 if not resume and (ckpts or any(os.path.exists(os.path.join(out_dir, f)) for f in ("metrics.jsonl", "rollouts.jsonl"))):
     fail(f"out_dir={out_dir} already holds a run (checkpoints or metrics): use --resume=True or another out_dir")
 load_from = ckpts[-1] if resume else init_from
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 tok = None  # the tiny run builds its tokenizer with its model; any other is read now, before the weights
 try:
     if init_from != "tiny" or resume:

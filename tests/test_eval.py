@@ -246,7 +246,7 @@ def test_api_generation_fields_thinking_and_empty_replies(tmp_path):
     finally:
         s.close()
     prompts = [json.loads(l) for l in open("data/eval/prompts.jsonl")][:3]
-    assert p.returncode != 0 and f"1 of 3 generations came back without a story" in p.stderr and prompts[1]["id"] in p.stderr, \
+    assert p.returncode != 0 and "1 of 3 generations came back without a story" in p.stderr and prompts[1]["id"] in p.stderr, \
         p.stderr[-1000:]
     assert [(r["id"], r["story"], r["thinking_words"]) for r in rows] == \
         [(prompts[0]["id"], "The first story.", 2), (prompts[2]["id"], "The third story.", 1)], rows
