@@ -22,6 +22,7 @@ import os
 import sys
 
 SETTING_TYPES = (bool, int, float, str, tuple, list, dict, type(None))
+ALSO_ALLOWED = {"resume": ("auto",)}  # values a setting takes beside those of its default's type
 
 
 def _fail(msg):
@@ -33,13 +34,14 @@ def _check(keys, key, value, where):
         near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
         _fail(f"{where}: unknown key '{key}'" + (f" (did you mean {', '.join(near)}?)" if near else ""))
     default = keys[key]
-    if default is None or type(value) is type(default):
+    if default is None or type(value) is type(default) or value in ALSO_ALLOWED.get(key, ()):
         return value
     if type(default) is float and type(value) is int:
         return float(value)
     if type(default) in (tuple, list) and type(value) in (tuple, list):
         return type(default)(value)
-    _fail(f"{where}: {key} must be {type(default).__name__} like its default {default!r}, "
+    also = "".join(f" or {v!r}" for v in ALSO_ALLOWED.get(key, ()))
+    _fail(f"{where}: {key} must be {type(default).__name__} like its default {default!r}{also}, "
           f"got {type(value).__name__} {value!r}")
 
 

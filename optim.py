@@ -15,7 +15,8 @@ Here a parameter's gradient is reduced to its owner in fp32 the moment autograd 
 for the micro-batch (a post-accumulate-grad hook), added to the owner's fp32 buffer, and freed
 on every rank, so no rank ever holds more than its quarter of the fp32 sum. Per A100 at 9B on 4
 ranks: 18 GB bf16 weights + 9 GB fp32 gradient shard + 27 GB master weights and moments.
-Every rank must run the same backward graph: the hooks' collectives must match one for one.
+Every rank must run as many backward passes over the same parameters: the hooks' collectives match
+one for one (train.py gives a rank with fewer micro-batches passes that add zero gradient).
 """
 import math
 
@@ -93,6 +94,23 @@ class ShardedAdamW:
     def state_dict(self):
         return dict(master=self.master, exp_avg=self.exp_avg, exp_avg_sq=self.exp_avg_sq, adam_t=self.t)
 
-    def load_state_dict(self, state):
-        self.master, self.exp_avg, self.exp_avg_sq = state["master"], state["exp_avg"], state["exp_avg_sq"]
-        self.t = state["adam_t"]
+    def load_state_dict(self, shards):
+        """shards: the state_dict() of every rank of the run that saved, whatever its world size:
+        each rank takes the parameters it owns now. The weights are set from the fp32 masters, as
+        step() sets them: a checkpoint may hold them rounded to the base's dtype."""
+        for d in (self.master, self.exp_avg, self.exp_avg_sq):
+            d.clear()
+        for s in shards:
+            for i in self.mine:
+                if i in s["master"]:
+                    dev = self.params[i].device
+                    self.master[i], self.exp_avg[i] = s["master"][i].to(dev), s["exp_avg"][i].to(dev)
+                    self.exp_avg_sq[i] = s["exp_avg_sq"][i].to(dev)
+        if len(self.master) != len(self.mine):
+            raise ValueError("the optimizer shards do not hold every trained parameter")
+        self.t = shards[0]["adam_t"]
+        for i in self.mine:
+            self.params[i].data.copy_(self.master[i])
+        if self.world > 1:
+            for i, p in enumerate(self.params):
+                dist.broadcast(p.data, src=self.owner[i])

@@ -108,23 +108,28 @@ class RowSampler(LogitsProcessor):
     own torch.Generator and leaves only that token, which generate(do_sample=False) then picks.
     The distribution is generate's own (the same processor classes in the same order); what
     changes is the randomness: a row's tokens depend on its seed alone, not on which rows share
-    the batch, so 1 rank and 4 ranks, or eval in batches of 1 and of 16, sample the same stories."""
+    the batch, so 1 rank and 4 ranks, or eval in batches of 1 and of 16, sample the same stories.
+    It records each drawn token's log-prob under the distribution it was drawn from (after
+    penalties, temperature, top-k and top-p): the loss's importance weights need it."""
 
     def __init__(self, seeds, device):
         self.gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.logps = []  # one (B,) tensor per decoding step
 
     def __call__(self, input_ids, scores):
-        probs = scores.float().softmax(-1)
-        pick = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.gens)])
+        logp = scores.float().log_softmax(-1)
+        pick = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(logp.exp(), self.gens)])
+        self.logps.append(logp.gather(1, pick[:, None])[:, 0].cpu())
         return torch.full_like(scores, -float("inf")).scatter_(1, pick[:, None], 0.0)
 
 
 class OnFinish(StoppingCriteria):
-    """Never stops generation; calls on_done(row, completion_ids) the step a row emits its first
-    eos, so that a finished story can go to the judge while longer ones are still decoding."""
+    """Calls on_done(row, completion_ids) the step a row emits its first eos, so that a finished
+    story can go to the judge while longer ones are still decoding. Stops generation only when
+    should_stop() says so (the run was asked to stop)."""
 
-    def __init__(self, eos, prompt_len, on_done):
-        self.eos, self.prompt_len, self.on_done, self.seen = eos, prompt_len, on_done, None
+    def __init__(self, eos, prompt_len, on_done, should_stop=None):
+        self.eos, self.prompt_len, self.on_done, self.should_stop, self.seen = eos, prompt_len, on_done, should_stop, None
 
     def __call__(self, input_ids, scores, **kwargs):
         done = torch.isin(input_ids[:, -1], torch.tensor(self.eos, device=input_ids.device))
@@ -133,19 +138,20 @@ class OnFinish(StoppingCriteria):
         for b in (done & ~self.seen).nonzero()[:, 0].tolist():
             self.on_done(b, input_ids[b, self.prompt_len:].tolist())
         self.seen |= done  # rows already finished are padded with pad, which may be an eos id
-        return torch.zeros_like(done)
+        return torch.full_like(done, bool(self.should_stop and self.should_stop()))
 
 
 @torch.no_grad()
 def sample(model, tok, prompts, seeds, n, eos, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-           repetition_penalty=1.0, presence_penalty=0.0, enable_thinking=True, on_done=None):
+           repetition_penalty=1.0, presence_penalty=0.0, enable_thinking=True, on_done=None, should_stop=None):
     """n completions of each prompt (token id lists), all in one generate() call: the prompts are
     left-padded to one length, with the attention mask (Qwen3.5's linear-attention layers honour
     it). Completion j of prompt i is drawn with seed seeds[i] * 1000 + j. Returns, per prompt, n
     samples: completion_ids (through the first eos, or max_new_tokens long when truncated),
-    truncated, thinking, story, in_thinking (truncated before the story began). on_done(i, j,
-    sample) is called the step completion j of prompt i ends, and after generate() for the
-    truncated ones."""
+    sample_logp (each token's log-prob under the distribution it was drawn from), truncated,
+    thinking, story, in_thinking (truncated before the story began). on_done(i, j, sample) is
+    called the step completion j of prompt i ends, and after generate() for the truncated ones.
+    should_stop() True ends generation early: the unfinished samples come back truncated."""
     check_sampling(repetition_penalty, presence_penalty)
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
     T = max(map(len, prompts))
@@ -156,7 +162,8 @@ def sample(model, tok, prompts, seeds, n, eos, max_new_tokens, temperature=1.0, 
     procs = [PresencePenalty(presence_penalty, T)] if presence_penalty else []
     procs += [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else [])
     procs += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
-    procs += [RowSampler([seeds[i] * 1000 + j for i in range(len(prompts)) for j in range(n)], model.device)]
+    sampler = RowSampler([seeds[i] * 1000 + j for i in range(len(prompts)) for j in range(n)], model.device)
+    procs += [sampler]
     samples = [None] * len(rows)
 
     def finish(b, ids):
@@ -165,13 +172,13 @@ def sample(model, tok, prompts, seeds, n, eos, max_new_tokens, temperature=1.0, 
         text = tok.decode(ids[:-1] if stop is not None else ids, skip_special_tokens=False)
         thinking, story, in_thinking = split_thinking(text, enable_thinking, stop is None)
         samples[b] = dict(completion_ids=ids, truncated=stop is None, thinking=thinking, story=story,
-                          in_thinking=in_thinking)
+                          in_thinking=in_thinking, sample_logp=torch.stack(sampler.logps[:len(ids)])[:, b].tolist())
         if on_done:
             on_done(b // n, b % n, samples[b])
 
     out = model.generate(input_ids=x, attention_mask=attn, do_sample=False, max_new_tokens=max_new_tokens,
                          repetition_penalty=repetition_penalty, logits_processor=procs, eos_token_id=eos,
-                         pad_token_id=tok.pad_token_id, stopping_criteria=[OnFinish(eos, T, finish)])
+                         pad_token_id=tok.pad_token_id, stopping_criteria=[OnFinish(eos, T, finish, should_stop)])
     for b, row in enumerate(out[:, T:].tolist()):
         if samples[b] is None:  # truncated at max_new_tokens
             finish(b, row)
@@ -291,7 +298,7 @@ def group_advantages(R, scale_rewards="group", eps=1e-4):
 
 
 def grpo_loss(logp, old_logp, adv, mask, loss_norm, denom, eps_low=0.2, eps_high=0.28, ref_logp=None, kl_coef=0.0,
-              shaped=None, gamma=0.0):
+              shaped=None, gamma=0.0, is_weight=None):
     """The clipped policy-gradient loss of one micro-batch, per sequence: (B,), summed by the
     caller, so that the sampled stories' part and the references' part can be told apart.
     logp, old_logp, mask (B, T); adv (B,).
@@ -312,10 +319,15 @@ def grpo_loss(logp, old_logp, adv, mask, loss_norm, denom, eps_low=0.2, eps_high
     their tokens' term is -A * f(p) with f(p) = p / (p + gamma), p = exp(logp), in place of the
     ratio. Its gradient is -A * gamma / (p + gamma)^2 * grad p = -A * [gamma p / (p + gamma)^2]
     * grad log p: tokens the policy already finds likely (p >> gamma) are damped, so the human
-    story no longer dominates by imitation, and the weight stays bounded as p -> 0."""
+    story no longer dominates by imitation, and the weight stays bounded as p -> 0.
+
+    is_weight (B, T), detached: each token's truncated importance weight min(pi_old / pi_sample,
+    tis_cap) for the sampler's mismatch (penalties, top-k, top-p), 1 where it does not apply."""
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
     per_tok = -torch.min(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
+    if is_weight is not None:
+        per_tok = per_tok * is_weight
     if gamma and shaped is not None and shaped.any():
         p = torch.exp(logp)
         per_tok = torch.where(shaped[:, None], -a * p / (p + gamma), per_tok)
@@ -427,6 +439,22 @@ def save_like_base(model, base_dir, out_dir):
     gen = json.load(open(path)) if os.path.exists(path) else {}
     with open(path, "w") as fh:
         json.dump(dict(gen, **CARD_SAMPLING), fh, indent=2)
+
+
+def damaged_checkpoint(path):
+    """Why the checkpoint folder `path` cannot be resumed from, or '' when it is complete: its
+    state.pt must load and list every file with its size (a cut write leaves a shorter file)."""
+    try:
+        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    except Exception as e:  # noqa: BLE001 -- missing, truncated or not ours: each says why
+        return f"{os.path.join(path, 'state.pt')} cannot be read ({type(e).__name__}: {str(e)[:200]})"
+    for f, size in state.get("files", {}).items():  # checkpoints written before the list was kept: not checked
+        p = os.path.join(path, f)
+        if not os.path.exists(p):
+            return f"{p} is missing"
+        if os.path.getsize(p) != size:
+            return f"{p} is truncated or changed ({os.path.getsize(p):,} bytes, written as {size:,})"
+    return ""
 
 
 # Qwen3.5's chat format, as its published template renders a conversation: a user turn; an

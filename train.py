@@ -4,7 +4,9 @@ POLARIS: GRPO with an LLM-judge reward and human-reference injection, for long-f
     python train.py config/tiny.py                                  # CPU, tiny model, local judge
     torchrun --standalone --nproc_per_node=2 train.py config/tiny.py   # the same with 2 gloo ranks
     torchrun --standalone --nproc_per_node=4 train.py config/polaris.py  # the paper run, 4x A100 80GB
-    python train.py config/tiny.py --resume=True                    # continue from the last checkpoint
+    python train.py config/tiny.py --resume=auto                    # start, or continue from the newest checkpoint
+    torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py config/polaris.py
+                                                                    # on each of 2 nodes (docs/scale.md)
 
 The algorithm's choices, in the order they happen each step:
 1. Groups. batch_groups prompts per step; for each, the policy samples group_size - n_ref
@@ -24,6 +26,9 @@ The algorithm's choices, in the order they happen each step:
    thinking block with a high advantage would teach the policy to stop thinking.
 5. Loss. On-policy, one optimizer step per batch (num_iterations=1): the PPO ratio is exactly
    1, clipping never acts, and the gradient is -A * grad(log p) at the sampling temperature.
+   A presence penalty, top-k or top-p draw tokens from another distribution than the policy's:
+   each sampled token's term is weighted by min(pi_old / pi_sample, tis_cap), detached
+   (truncated importance sampling, as TRL and verl correct a sampler's mismatch).
    With num_iterations > 1 the batch is reused with clipping (epsilon, epsilon_high). Token
    mean over all ranks and micro-batches (loss_norm='token'); 'seq' and 'constant' for the
    original GRPO and Dr. GRPO (rollout.grpo_loss says what each weighs). KL to the initial
@@ -35,6 +40,8 @@ The algorithm's choices, in the order they happen each step:
    is skipped.
 """
 import collections
+import concurrent.futures
+import datetime
 import glob
 import hashlib
 import json
@@ -42,6 +49,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 
@@ -62,7 +70,8 @@ from optim import ShardedAdamW
 out_dir = "out/polaris"
 save_interval = 20  # checkpoint every this many steps, and at the end
 keep_last = 3  # checkpoints kept on disk
-resume = False  # continue from the newest checkpoint in out_dir
+resume = False  # True: continue from the newest checkpoint in out_dir; 'auto': that if there is one, else start
+resume_from = ""  # a checkpoint folder to continue from, when the newest one is damaged
 wandb_log = False
 wandb_project = "polaris"
 wandb_run_name = "polaris-9b"
@@ -96,7 +105,9 @@ grad_clip = 1.0
 micro_batch_tokens = 9216  # tokens per forward/backward, padding counted: one 8k-token story, or several short
 logprob_chunk = 1024  # rows of the LM head computed at once
 bucket_numel = 2 ** 26  # elements per fp32 piece in the optimizer and its collectives
+tis_cap = 2.0  # truncated importance weight min(pi_old / pi_sample, tis_cap) for the sampler's mismatch; 0: off
 seed = 1337
+dist_timeout_s = 7200.0  # a collective waits this long for a dead or stuck rank (docs/scale.md says why 2 h)
 # rollout
 enable_thinking = True
 max_new_tokens = 8192
@@ -137,13 +148,16 @@ def fail(msg):
 check_ranges(config, dict(
     rollout.SAMPLING_RANGES, **judge_lib.RANGES, learning_rate="> 0", max_steps=">= 1", save_interval=">= 1",
     keep_last=">= 1", warmup_steps=">= 0", batch_groups=">= 1", max_ref_words=">= 1", weight_decay=">= 0",
-    ref_shaping_gamma=">= 0", beta1="[0, 1)", beta2="[0, 1)", grad_clip=">= 0", micro_batch_tokens=">= 1",
+    ref_shaping_gamma=">= 0", tis_cap=">= 0", dist_timeout_s="> 0", beta1="[0, 1)", beta2="[0, 1)", grad_clip=">= 0", micro_batch_tokens=">= 1",
     logprob_chunk=">= 1", bucket_numel=">= 1", epsilon="> 0", epsilon_high="> 0", kl_coef=">= 0",
     num_iterations=">= 1", device_memory_gb=">= 0"))
 try:
     rollout.check_sampling(repetition_penalty, presence_penalty)
 except ValueError as e:
     fail(str(e))
+if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    fail("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment: with torchrun's store "
+         "shared, a restarted rank can read the last attempt's addresses and fail to connect (pytorch issue 135712)")
 if batch_groups % ddp_world_size:
     fail(f"batch_groups={batch_groups} does not divide over {ddp_world_size} ranks: each rank owns whole groups")
 if n_ref not in (0, 1) or group_size < 2 + n_ref:
@@ -159,16 +173,26 @@ except ValueError:
     fail(f"ref_reward={ref_reward!r} must be 'judge' or a number")
 # out_dir: a new run never mixes into an old one; a resumed run continues exactly what it was
 ckpts = sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))
-if resume and not ckpts:
-    fail(f"--resume=True but no checkpoint in {out_dir}")
-if not resume and (ckpts or any(os.path.exists(os.path.join(out_dir, f)) for f in ("metrics.jsonl", "rollouts.jsonl"))):
-    fail(f"out_dir={out_dir} already holds a run (checkpoints or metrics): use --resume=True or another out_dir")
-load_from = ckpts[-1] if resume else init_from
+logs = [f for f in ("metrics.jsonl", "rollouts.jsonl") if os.path.exists(os.path.join(out_dir, f))]
+if resume not in (False, True, "auto"):
+    fail(f"resume={resume!r} must be False, True or 'auto'")
+if resume is True and not ckpts and not resume_from:
+    fail(f"--resume=True but no checkpoint in {out_dir} (--resume=auto starts a run when there is none)")
+if resume is False and not resume_from and (ckpts or logs):
+    fail(f"out_dir={out_dir} already holds a run (checkpoints or metrics): use --resume=auto to continue it, "
+         "or another out_dir")
+ckpt = resume_from or (ckpts[-1] if resume and ckpts else None)  # the checkpoint this run continues, if any
+if ckpt:
+    bad = rollout.damaged_checkpoint(ckpt)
+    if bad:
+        whole = next((c for c in reversed(ckpts) if c != ckpt and not rollout.damaged_checkpoint(c)), None)
+        fail(f"cannot resume from {ckpt}: {bad}. " + (f"{whole} is complete: continue from it with "
+             f"--resume_from={whole}" if whole else "No earlier checkpoint is complete: start another out_dir"))
 from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 tok = None  # the tiny run builds its tokenizer with its model; any other is read now, before the weights
 try:
-    if init_from != "tiny" or resume:
-        tok = AutoTokenizer.from_pretrained(load_from)
+    if init_from != "tiny" or ckpt:
+        tok = AutoTokenizer.from_pretrained(ckpt or init_from)
     specials = set(rubric.CHAT_MARKERS) | set(tok.all_special_tokens if tok else ())
     rows = rubric.load_rows(train_data, max_words=max_ref_words, special_tokens=sorted(specials))
     data_sha = hashlib.sha256(open(train_data, "rb").read()).hexdigest()
@@ -177,23 +201,26 @@ except FileNotFoundError as e:
     fail(f"train_data: {e}")
 except (OSError, ValueError) as e:
     fail(str(e))
-if resume:  # on every rank, from the checkpoint itself: settings that decide the data order or the batch
-    state = torch.load(os.path.join(load_from, "state.pt"), weights_only=False)
-    was = dict(state["config"], world_size=state["world_size"], train_data_sha256=state["data_sha256"])
-    now = dict(config, world_size=ddp_world_size, train_data_sha256=data_sha)
-    changed = [f"{k} {was[k]!r} -> {now[k]!r}" for k in ("batch_groups", "group_size", "n_ref", "seed", "world_size",
+if ckpt:  # on every rank, from the checkpoint itself: settings that decide the data order or the batch
+    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+    was = dict(state["config"], train_data_sha256=state["data_sha256"])
+    now = dict(config, train_data_sha256=data_sha)
+    changed = [f"{k} {was[k]!r} -> {now[k]!r}" for k in ("batch_groups", "group_size", "n_ref", "seed",
                                                           "train_data_sha256") if was[k] != now[k]]
     if changed:
-        fail(f"--resume=True: {load_from} was written with other settings that decide the data order or the batch: "
+        fail(f"resume: {ckpt} was written with other settings that decide the data order or the batch: "
              + "; ".join(changed) + ". Resume with the same ones, or start another out_dir")
 
 # -----------------------------------------------------------------------------
 # distributed set-up: about fifteen lines, no wrapper
 if ddp:
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
-    device = f"cuda:{ddp_local_rank}" if backend == "nccl" else "cpu"
-    if backend == "nccl":
+    # CPU tensors (the per-step agreements) go over gloo, GPU tensors (gradients, weights) over nccl;
+    # a rank that waits dist_timeout_s for the others raises instead of waiting forever
+    gpu = torch.cuda.is_available()
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if gpu else "gloo",
+                            timeout=datetime.timedelta(seconds=dist_timeout_s))
+    device = f"cuda:{ddp_local_rank}" if gpu else "cpu"
+    if gpu:
         torch.cuda.set_device(device)
 else:
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -218,15 +245,15 @@ elif os.path.isdir(init_from):
 else:  # a hub id: the local copy that from_pretrained would read (downloaded once, then cached)
     from huggingface_hub import snapshot_download
     base_dir = snapshot_download(init_from)
-if init_from == "tiny" and not resume:
+if init_from == "tiny" and not ckpt:
     model, tok = rollout.build_tiny([train_data], tiny_vocab, tiny_hidden, tiny_layers, seed)
     model_config = model.config
     n_params = n_trainable = sum(p.numel() for p in model.parameters())
 else:
     try:
-        model_config = AutoConfig.from_pretrained(load_from)
+        model_config = AutoConfig.from_pretrained(ckpt or init_from)
     except (OSError, ValueError) as e:
-        fail(f"init_from={load_from!r}: {e}")
+        fail(f"init_from={ckpt or init_from!r}: {e}")
     policy_cls = rollout.policy_class(model_config)  # Qwen3_5ForConditionalGeneration for the hub's 9B
     with torch.device("meta"):  # count parameters without allocating them
         skeleton = policy_cls._from_config(model_config)
@@ -252,12 +279,12 @@ if budget and sum(plan.values()) > 0.9 * budget:
 probe = judge.submit(rows[0]["prompt"], rows[0]["target_words"], rows[0]["story"]).result()
 if probe["fatal"]:
     fail(f"the judge cannot be used: {probe['error']}")
-if init_from == "tiny" and not resume:
+if init_from == "tiny" and not ckpt:
     if master_process:  # the tiny run's base model: its checkpoints' format, and evaluation's baseline
         model.save_pretrained(base_dir)
         tok.save_pretrained(base_dir)
 else:
-    model = policy_cls.from_pretrained(load_from, dtype=ptdtype)
+    model = policy_cls.from_pretrained(ckpt or init_from, dtype=ptdtype)
     rollout.freeze_vision(model)
 model.to(device=device, dtype=ptdtype)
 if gradient_checkpointing:
@@ -275,16 +302,20 @@ eos = rollout.eos_ids(model, tok)
 opt = ShardedAdamW([p for p in model.parameters() if p.requires_grad], ddp_world_size, ddp_rank,
                    (beta1, beta2), weight_decay=weight_decay, piece_numel=bucket_numel)
 start_step = 0
-if resume:
-    # our own file, so weights_only=False is safe: it also holds numpy's RNG state
-    shard = torch.load(os.path.join(load_from, f"optim_rank{ddp_rank}.pt"), map_location=device, weights_only=False)
-    opt.load_state_dict(shard)
-    random.setstate(shard["rng"]["python"])
-    np.random.set_state(shard["rng"]["numpy"])
-    torch.set_rng_state(shard["rng"]["torch"].cpu())
+if ckpt:
+    # every rank's shard, memory-mapped: each rank takes what it owns now, whatever the world size
+    # that saved them (our own files, so weights_only=False is safe: they hold numpy's RNG state)
+    shards = [torch.load(f, mmap=True, weights_only=False)
+              for f in sorted(glob.glob(os.path.join(ckpt, "optim_rank*.pt")))]
+    opt.load_state_dict(shards)
+    if len(shards) == ddp_world_size:  # nothing draws from these generators; restored for any code that will
+        random.setstate(shards[ddp_rank]["rng"]["python"])
+        np.random.set_state(shards[ddp_rank]["rng"]["numpy"])
+        torch.set_rng_state(shards[ddp_rank]["rng"]["torch"].cpu())
+    del shards
     start_step = state["step"]
     if master_process:
-        print(f"resuming from {load_from} at step {start_step}")
+        print(f"resuming from {ckpt} at step {start_step}")
         for name in ("metrics.jsonl", "rollouts.jsonl"):  # drop rows written after the checkpoint
             path = os.path.join(out_dir, name)
             if os.path.exists(path):
@@ -295,32 +326,68 @@ if resume:
                             keep.append(line if line.endswith("\n") else line + "\n")
                     except ValueError:
                         pass  # the half-written last line of a run killed during the append
-                open(path + ".tmp", "w").writelines(keep)
-                os.replace(path + ".tmp", path)
+                try:  # a whole new file first, then swapped in: a full disk leaves the old one as it was
+                    with open(path + ".tmp", "w") as f:
+                        f.writelines(keep)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(path + ".tmp", path)
+                except OSError as e:
+                    if os.path.exists(path + ".tmp"):
+                        os.remove(path + ".tmp")
+                    fail(f"cannot rewrite {path} to drop the rows after step {start_step}: {e.strerror}; "
+                         "it is unchanged. Free some space and run the same command again")
+
+
+def first_error(err):
+    """Every rank learns the first error any rank had ('' when none)."""
+    errs = [err]
+    if ddp:
+        errs = [None] * ddp_world_size
+        dist.all_gather_object(errs, err)
+    return next((e for e in errs if e), "")
 
 
 def save_checkpoint(step):
     """The model in the base's format (rollout.save_like_base) plus each rank's optimizer shard,
-    written under a temporary name and renamed when complete; the newest keep_last are kept."""
+    written under a temporary name and renamed when complete; the newest keep_last are kept.
+    state.pt lists every file's size, so that resume can tell a complete checkpoint from a cut one.
+    A write that fails (a full disk) removes the temporary folder and stops the run."""
     final = os.path.join(out_dir, f"ckpt_{step:06d}")
     tmp = os.path.join(out_dir, f".tmp_ckpt_{step:06d}")
     if master_process:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    torch.save(dict(opt.state_dict(), rng=rng), os.path.join(tmp, f"optim_rank{ddp_rank}.pt"))
-    barrier()
-    if master_process:
-        rollout.save_like_base(model, base_dir, tmp)  # the base's own format, trained tensors swapped in
-        # what resume checks: the settings and data that decide each step's batch
-        torch.save(dict(step=step, config=config, world_size=ddp_world_size, data_sha256=data_sha),
-                   os.path.join(tmp, "state.pt"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))[:-keep_last]:
-            shutil.rmtree(old)
-    barrier()
+    err = ""
+    try:
+        rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+        with open(os.path.join(tmp, f"optim_rank{ddp_rank}.pt"), "wb") as f:  # a file object: OSError names the cause
+            torch.save(dict(opt.state_dict(), rng=rng), f)
+    except Exception as e:  # noqa: BLE001 -- OSError, or safetensors' and torch's own errors; each says why
+        err = f"rank {ddp_rank}: {e}"
+    err = first_error(err)
+    if master_process and not err:
+        try:
+            rollout.save_like_base(model, base_dir, tmp)  # the base's own format, trained tensors swapped in
+            files = {f: os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)}
+            # what resume checks: the settings and data that decide each step's batch, and the files
+            with open(os.path.join(tmp, "state.pt"), "wb") as f:
+                torch.save(dict(step=step, config=config, world_size=ddp_world_size, data_sha256=data_sha,
+                                files=files, wandb_id=wandb_id), f)
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+            for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))[:-keep_last]:
+                shutil.rmtree(old)
+        except Exception as e:  # noqa: BLE001
+            err = str(e)
+    err = first_error(err)
+    if err:
+        if master_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        newest = sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))
+        fail(f"step {step}: the checkpoint could not be written ({err}); {tmp} removed. The newest checkpoint is "
+             f"{newest[-1] if newest else 'none'}: free some space and run the same command with --resume=auto")
 
 
 def policy_logprobs(model, mb):
@@ -332,6 +399,17 @@ def policy_logprobs(model, mb):
     return logp, ent, ids, attn, lm
 
 
+def sample_logprobs(mb, like):
+    """(B, T-1) log-probs of the sampled tokens under the distribution they were drawn from, in
+    the loss mask's places; NaN for the human reference's tokens, which were not sampled."""
+    out = torch.full_like(like, math.nan)
+    for b, s in enumerate(mb):
+        if not s["is_ref"]:
+            at = len(s["prompt_ids"]) - 1
+            out[b, at:at + len(s["sample_logp"])] = torch.tensor(s["sample_logp"])
+    return out
+
+
 def step_rows(step):
     """The step's batch_groups global group ids and rows: a fresh permutation each epoch."""
     out = []
@@ -341,13 +419,70 @@ def step_rows(step):
     return out
 
 
+stop = []  # the signal that asked the run to stop; the loop stops at its next safe point
+
+
+def on_signal(signum, frame):
+    if stop:  # a second signal: at once (a checkpoint being written stays a .tmp_ folder, never a ckpt_)
+        os._exit(128 + signum)
+    stop.append(signal.Signals(signum).name)
+    print(f"\n{stop[0]} while {globals().get('phase', 'starting')}: stopping at the next safe point; a second signal "
+          "exits at once", file=sys.stderr, flush=True)
+
+
+def stop_run(done, where):
+    """Every rank, together: checkpoint the last completed step if it has none, then exit."""
+    judge.pool.shutdown(wait=False, cancel_futures=True)
+    if done > saved:
+        save_checkpoint(done)
+    path = os.path.join(out_dir, f"ckpt_{done:06d}")
+    if not master_process:
+        sys.exit(1)
+    fail(f"stopped by {stop[0]} {where}: " + (f"{path} holds step {done}; run the same command with --resume=auto "
+         "to continue" if done else "no step was completed; run the same command to start again"))
+
+
+def on_error(kind, e, tb):
+    """A collective that failed (a peer died, or waited dist_timeout_s for a stuck one): one line naming
+    the step instead of gloo's or nccl's traceback. Any other error keeps its traceback."""
+    if ddp and isinstance(e, RuntimeError) and any(w in str(e) for w in ("gloo", "NCCL", "Connection", "imed out")):
+        where = f"step {globals()['step'] + 1}" if "step" in globals() else "start-up"
+        print(f"error: {where}: a collective with the other ranks failed: {str(e).splitlines()[0][:300]}. "
+              f"A rank died, or waited dist_timeout_s={dist_timeout_s:g} for a stuck one; the newest checkpoint "
+              "continues the run (--resume=auto)", file=sys.stderr, flush=True)
+    else:
+        sys.__excepthook__(kind, e, tb)
+
+
+sys.excepthook = on_error
+signal.signal(signal.SIGINT, on_signal)
+signal.signal(signal.SIGTERM, on_signal)
+plain_sampling = presence_penalty == 0 and repetition_penalty == 1 and top_k == 0 and top_p == 1
+wandb_id = state.get("wandb_id") if ckpt else None
+wandb_id = wandb_id or f"{time.strftime('%Y%m%d%H%M%S')}{random.Random().randrange(16 ** 6):06x}"
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
+    for tmp in glob.glob(os.path.join(out_dir, ".tmp_ckpt_*")):
+        shutil.rmtree(tmp)  # a checkpoint whose writer was killed
+    if not ckpt and logs:  # resume='auto' and a run killed before its first checkpoint: start over
+        aside = os.path.join(out_dir, f"abandoned_{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(aside)
+        for f in logs:
+            os.rename(os.path.join(out_dir, f), os.path.join(aside, f))
+        print(f"{out_dir} held logs but no checkpoint: starting over, the old logs moved to {aside}")
     if wandb_log:
         import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=wandb_id, resume="allow")
 ref_cache = {}  # row id -> (prompt_ids, answer_ids, mask)
 t_ckpt = 0.0  # seconds spent writing the previous step's checkpoint
+saved = start_step  # the newest checkpoint's step (0: none needed)
+if ddp:  # every node must see the same out_dir and the same training data
+    views = [None] * ddp_world_size
+    dist.all_gather_object(views, (start_step, data_sha))
+    if len({v[0] for v in views}) > 1:
+        fail(f"the ranks resume from the steps {[v[0] for v in views]}: out_dir must be one folder shared by every node")
+    if len({v[1] for v in views}) > 1:
+        fail(f"train_data={train_data} differs between the nodes (sha256): copy the same file to every node")
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -358,6 +493,7 @@ for step in range(start_step, max_steps):
     # --- generate: all of this rank's groups in one batched decode; each story goes to the judge
     # the step it ends, while longer ones are still decoding; the references go first
     model.eval()
+    phase = "generating"
     groups = []
     for gid, row in my_groups:
         samples = []
@@ -380,11 +516,13 @@ for step in range(start_step, max_steps):
                disable=not master_process)
 
     def to_judge(i, j, s):  # story j of group i has ended
-        s["future"] = judge.submit(my_groups[i][1]["prompt"], my_groups[i][1]["target_words"], s["story"])
+        if not stop:
+            s["future"] = judge.submit(my_groups[i][1]["prompt"], my_groups[i][1]["target_words"], s["story"])
         bar.update(1)
     seeds = [seed + 100_003 * step + gid for gid, _ in my_groups]  # a story depends on (seed, step, group) only
     batch = rollout.sample(model, tok, prompts, seeds, group_size - n_ref, eos, max_new_tokens, temperature, top_p,
-                           top_k, repetition_penalty, presence_penalty, enable_thinking, on_done=to_judge)
+                           top_k, repetition_penalty, presence_penalty, enable_thinking, on_done=to_judge,
+                           should_stop=lambda: bool(stop))
     bar.close()
     gen_tokens = 0
     for (gid, row, samples), p, sampled in zip(groups, prompts, batch):
@@ -395,17 +533,23 @@ for step in range(start_step, max_steps):
     t_gen = time.time() - t0
 
     # --- wait for the judge; a judge that cannot score stops the run before the update
+    phase = "waiting for the judge"
     t1 = time.time()
+    futures = [s["future"] for _, _, samples in groups for s in samples if "future" in s]
+    while not stop and concurrent.futures.wait(futures, timeout=0.5).not_done:
+        pass  # woken twice a second to see a stop signal
     asked, reasons, fatal = 0, collections.Counter(), 0
     for gid, row, samples in groups:
         for s in samples:
-            if "future" in s:
+            if "future" in s and not stop:
                 s["judged"] = j = s.pop("future").result()
                 asked, fatal = asked + 1, fatal + j["fatal"]
                 reasons.update([j["error"]] if j["error"] else [])
-    health = torch.tensor([asked, sum(reasons.values()), fatal], dtype=torch.float64)
+    health = torch.tensor([asked, sum(reasons.values()), fatal, len(stop)], dtype=torch.float64)
     if ddp:
-        dist.all_reduce(health)  # stories asked, failed, failed for good: every rank decides alike
+        dist.all_reduce(health)  # stories asked, failed, failed for good, stop asked: every rank decides alike
+    if health[3]:
+        stop_run(step, f"in step {step + 1} (abandoned before its update)")
     if health[2] or health[1] > judge_max_fail_frac * health[0]:
         if ddp:
             parts = [None] * ddp_world_size
@@ -435,6 +579,7 @@ for step in range(start_step, max_steps):
     # --- policy-gradient loss over micro-batches of about micro_batch_tokens tokens
     t2 = time.time()
     model.train()
+    phase = "training"
     seqs = [s for _, _, samples in groups for s in samples]
     n_tok = sum(sum(s["mask"]) for s in seqs)
     counts = torch.tensor([n_tok, len(seqs)], dtype=torch.float64)
@@ -443,11 +588,19 @@ for step in range(start_step, max_steps):
     denom = {"token": counts[0].item(), "seq": counts[1].item(), "constant": counts[1].item() * max_new_tokens}[loss_norm]
     micro = [[seqs[i] for i in mb] for mb in rollout.micro_batches(
         [len(s["prompt_ids"]) + len(s["completion_ids"]) for s in seqs], micro_batch_tokens)]
+    # every rank runs as many backward passes (optim.py's hooks reduce in each one): a rank with
+    # fewer micro-batches pads with passes over its shortest sequence that add zero gradient
+    n_micro = torch.tensor([len(micro)])
+    if ddp:
+        dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
+    idle = n_micro.item() - len(micro)
+    shortest = min(seqs, key=lambda s: len(s["prompt_ids"]) + len(s["completion_ids"]))
+    micro += [[shortest]] * idle
     old_logps = None
     if num_iterations > 1:  # the batch is reused: the ratio needs the log-probs of the policy that sampled it
         with torch.no_grad():
             old_logps = [policy_logprobs(model, mb)[0] for mb in micro]
-    loss_on = loss_off = ref_nll = ref_tok = ent_sum = ent_tok = train_tokens = 0.0
+    loss_on = loss_off = ref_nll = ref_tok = ent_sum = ent_tok = train_tokens = is_sum = is_clip = is_tok = 0.0
     skipped = 0
     t_sync = 0.0
     lr = learning_rate * min(1.0, (step + 1) / max(1, warmup_steps))  # linear warmup, then constant
@@ -461,8 +614,19 @@ for step in range(start_step, max_steps):
                     ref_logp = rollout.token_logprobs(ref_model, ids, attn, lm, temperature, logprob_chunk)[0]
             adv = torch.tensor([s["adv"] for s in mb], device=device)
             is_ref = torch.tensor([s["is_ref"] for s in mb], device=device)
+            weight = None  # the sampler's mismatch: pi_old / pi_sample on sampled tokens, truncated at tis_cap
+            if not plain_sampling:
+                sampled = lm.bool() & ~is_ref[:, None]
+                ratio = torch.exp(old - sample_logprobs(mb, old).to(device)).where(sampled, 1.0)
+                if it == 0 and k < len(micro) - idle:
+                    is_sum, is_tok = is_sum + ratio[sampled].sum().item(), is_tok + sampled.sum().item()
+                    is_clip += (ratio[sampled] > tis_cap).sum().item() if tis_cap else 0
+                weight = ratio.clamp(max=tis_cap) if tis_cap else None
             per_seq = rollout.grpo_loss(logp, old, adv, lm, loss_norm, denom, epsilon, epsilon_high, ref_logp, kl_coef,
-                                        shaped=is_ref, gamma=ref_shaping_gamma)
+                                        shaped=is_ref, gamma=ref_shaping_gamma, is_weight=weight)
+            if k >= len(micro) - idle:
+                (per_seq.sum() * 0.0).backward()  # a padding pass: the hooks' collectives, zero gradient
+                continue
             per_seq.sum().backward()  # the hooks of optim.py take each gradient to its owner rank
             loss_on += per_seq[~is_ref].sum().item()
             loss_off += per_seq[is_ref].sum().item()
@@ -494,8 +658,9 @@ for step in range(start_step, max_steps):
                  sq=pair(s["judged"]["sq"] for s in rolls), length_ratio=pair(s["judged"]["ratio"] for s in rolls),
                  truncated=pair(s["truncated"] for s in rolls), truncated_in_thinking=pair(s["in_thinking"] for s in rolls),
                  ref_nll=[ref_nll, ref_tok], entropy=[ent_sum, ent_tok], ref_adv=pair(ref_adv), ref_adv_neg=pair(ref_neg),
-                 ref_rank=pair(ref_rank))
-    totals = dict(zero_std_groups=zero_std, judge_failures=sum(s["judged"]["error"] is not None for s in seqs),
+                 ref_rank=pair(ref_rank), is_ratio_mean=[is_sum, is_tok] if is_tok else [1.0, 1.0],
+                 is_clipped_frac=[is_clip, is_tok] if is_tok else [0.0, 1.0])
+    totals = dict(zero_std_groups=zero_std, idle_passes=idle, stop=len(stop), judge_failures=sum(s["judged"]["error"] is not None for s in seqs),
                   judge_tokens=sum(s["judged"]["tokens_in"] + s["judged"]["tokens_out"] for s in seqs),
                   judge_cost=sum(s["judged"]["cost"] for s in seqs), loss_on=loss_on / num_iterations,
                   loss_off=loss_off / num_iterations, gen_tokens=gen_tokens, train_tokens=train_tokens, t_generate=t_gen,
@@ -512,6 +677,7 @@ for step in range(start_step, max_steps):
         m["loss_off"] = math.nan  # no references: the loss is the sampled stories' alone
     for k in ("t_generate", "t_judge_wait", "t_train", "t_sync", "t_checkpoint"):
         m[k] /= ddp_world_size  # mean seconds per rank
+    stopping = m.pop("stop") > 0
     m.update(step=step, t_step=time.time() - t0, grad_norm=grad_norm, skipped=skipped, lr=lr,
              gen_tok_per_s=m["gen_tokens"] / max(m["t_generate"] * ddp_world_size, 1e-9),
              train_tok_per_s=m["train_tokens"] / max(m["t_train"] * ddp_world_size, 1e-9))
@@ -542,7 +708,10 @@ for step in range(start_step, max_steps):
     t_ckpt = time.time()  # logged with the next step: a step's row is written before its checkpoint
     if (step + 1) % save_interval == 0 or step + 1 == max_steps:
         save_checkpoint(step + 1)
+        saved = step + 1
     t_ckpt = time.time() - t_ckpt
+    if stopping:
+        stop_run(step + 1, f"during step {step + 1}, after its update")
 
 judge.close()
 if ddp:

@@ -1,6 +1,8 @@
 # The paper run: POLARIS-9B, the model card's training table.
 #   export GEMINI_API_KEY=...
 #   torchrun --standalone --nproc_per_node=4 train.py config/polaris.py
+# The same command continues the run after a crash or preemption (resume='auto'); several nodes,
+# restarts and SLURM: docs/scale.md.
 # Batch: 8 groups x 6 = 48 sequences per step (40 sampled stories + 8 human references),
 # 2 groups per rank on 4 GPUs. 160 steps x 8 prompts = 1,280 prompts: about one pass over the
 # paper's ~1,388 prompt-story pairs. Memory per A100 80GB (printed at start): bf16 weights
@@ -10,6 +12,7 @@
 out_dir = "out/polaris"
 save_interval = 20  # 8 checkpoints in a ~48 h run: a crash loses at most ~6 h
 keep_last = 3  # each checkpoint is ~18 GB of weights + ~27 GB of optimizer shards per rank
+resume = "auto"  # continue from the newest checkpoint when out_dir has one: one command starts and restarts
 # data
 train_data = "data/polaris/train.jsonl"  # your anthology, built by data/prepare.py (see README)
 max_ref_words = 4000  # the paper's references are at most 4,000 words
@@ -38,6 +41,8 @@ grad_clip = 1.0
 micro_batch_tokens = 9216  # padded tokens per forward/backward: one 8k rollout, or several shorter stories
 logprob_chunk = 1024  # 1,024 x 248,320 fp32 logits = 1 GB at a time instead of 8 GB per sequence
 seed = 1337
+tis_cap = 2.0  # presence penalty, top-k and top-p make the sampler differ from the policy: truncated IS weights
+dist_timeout_s = 7200.0  # above the slowest step's wait for the slowest rank: an 8k-token decode plus judge retries
 # rollout: the card's recommended sampling, thinking on
 enable_thinking = True
 # Not in the card for training: references reach 4,000 words (~5,400 tokens) and thinking

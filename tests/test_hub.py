@@ -98,6 +98,13 @@ def test_checkpoints_in_the_base_format(hub, tmp_path):
     # resume from it, and generate from it for evaluation
     train(tmp_path, f"--init_from={hub}", "--max_steps=3", "--save_interval=1", "--resume=True", *FAST)
     assert tensors(tmp_path / "ckpt_000003").keys() == base.keys(), "a resumed run writes the same format"
+    # float32 training from a bf16 base: the checkpoint's weights are rounded to bf16, so resume takes
+    # the weights from the fp32 masters; the resumed run is bitwise the uninterrupted one
+    train(tmp_path / "full", f"--init_from={hub}", "--max_steps=3", *FAST)
+    a, b = (torch.load(d / "ckpt_000003/optim_rank0.pt", weights_only=False)["master"] for d in (tmp_path, tmp_path / "full"))
+    assert all(torch.equal(a[i], b[i]) for i in b), "resumed fp32 master weights equal the uninterrupted run's"
+    last = [json.loads(open(d / "metrics.jsonl").readlines()[-1]) for d in (tmp_path, tmp_path / "full")]
+    assert all(last[0][k] == last[1][k] for k in ("loss", "grad_norm", "reward", "entropy")), "and so does step 3"
     out = tmp_path / "gen.jsonl"
     p = subprocess.run([sys.executable, "eval.py", "--task=generate", f"--model={tmp_path}/ckpt_000003", f"--out={out}",
                         "--limit=2", "--max_new_tokens=8", "--enable_thinking=False"], capture_output=True, text=True,

@@ -211,6 +211,33 @@ def test_row_sampler_draws_from_generates_distribution(tiny):
     assert tv(emp([s["completion_ids"][0] for s in ours]), q) < 0.06, "our sampler vs the exact distribution"
 
 
+def test_sampled_tokens_carry_their_log_prob_under_the_sampling_distribution(tiny):
+    model, tok = tiny
+    p = rollout.render_prompt(tok, "Write a story.", False)
+    eos = [tok.eos_token_id]
+
+    def policy(samples, T):  # the raw policy's log-probs of the sampled tokens at temperature T, as the loss sees them
+        ids, attn, mask = rollout.collate([(p, s["completion_ids"], [1] * len(s["completion_ids"])) for s in samples],
+                                          tok.pad_token_id)
+        with torch.no_grad():
+            logp = rollout.token_logprobs(model, ids, attn, mask, T)[0]
+        return [logp[b, len(p) - 1:len(p) - 1 + len(s["completion_ids"])] for b, s in enumerate(samples)]
+    [plain] = rollout.sample(model, tok, [p], [3], 3, eos, 12, temperature=0.7)
+    for s, lp in zip(plain, policy(plain, 0.7)):
+        assert len(s["sample_logp"]) == len(s["completion_ids"]), "one log-prob per sampled token"
+        assert torch.allclose(torch.tensor(s["sample_logp"]), lp, atol=1e-4), "plain sampling: the policy's own"
+    [cut] = rollout.sample(model, tok, [p], [3], 3, eos, 12, temperature=0.7, top_k=20, presence_penalty=1.0)
+    gaps = torch.cat([torch.tensor(s["sample_logp"]) - lp for s, lp in zip(cut, policy(cut, 0.7))])
+    assert gaps.abs().max() > 0.1, "top-k and the penalty change the distribution the tokens were drawn from"
+
+
+def test_importance_weights_scale_the_sampled_tokens_gradient():
+    logp, mask, adv = _batch()
+    w = torch.tensor([[2.0, 0.5, 1.0, 1.0, 1.0], [1.0] * 5, [1.0, 0.25, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0, is_weight=w).sum().backward()
+    assert torch.allclose(logp.grad, -adv[:, None] * w * mask / 9.0), "the gradient is -w A grad log p, w detached"
+
+
 def test_micro_batches_by_token_budget():
     lengths = [100, 900, 120, 300, 5000, 310]
     mbs = rollout.micro_batches(lengths, 1000)
