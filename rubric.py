@@ -281,10 +281,11 @@ def _row_problem(row, max_words, allow_empty, special_tokens):
     return None
 
 
-def load_rows(path, max_words=MAX_REF_WORDS, allow_empty=False, skip_bad=False, special_tokens=CHAT_MARKERS):
+def load_rows(path, max_words=MAX_REF_WORDS, allow_empty=False, skip_bad=False, special_tokens=CHAT_MARKERS, check=None):
     """Read and validate a JSONL file. Every bad row is named as path:line and reason; by
     default any bad row raises ValueError (skip_bad=True prints them and drops the rows).
-    special_tokens: strings no prompt or story may contain (train.py adds its tokenizer's)."""
+    special_tokens: strings no prompt or story may contain (train.py adds its tokenizer's).
+    check(row) -> a reason or None: the caller's own test of a valid row (train.py: its length)."""
     rows, bad, seen = [], [], set()
     with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 is named, not the file
         for i, raw in enumerate(f, 1):
@@ -299,7 +300,7 @@ def load_rows(path, max_words=MAX_REF_WORDS, allow_empty=False, skip_bad=False, 
             except json.JSONDecodeError as e:
                 bad.append(f"{path}:{i}: invalid JSON ({e.msg})")
                 continue
-            problem = _row_problem(row, max_words, allow_empty, special_tokens)
+            problem = _row_problem(row, max_words, allow_empty, special_tokens) or (check and check(row))
             if problem is None and row["id"] in seen:
                 problem = f"duplicate id {row['id']!r}"
             if problem:

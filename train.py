@@ -39,6 +39,7 @@ The algorithm's choices, in the order they happen each step:
    to its fp32 master copy and broadcasts the new weights. A step whose gradient is not finite
    is skipped.
 """
+import atexit
 import collections
 import concurrent.futures
 import datetime
@@ -50,7 +51,9 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sys
+import threading
 import time
 
 import numpy as np
@@ -108,6 +111,7 @@ bucket_numel = 2 ** 26  # elements per fp32 piece in the optimizer and its colle
 tis_cap = 2.0  # truncated importance weight min(pi_old / pi_sample, tis_cap) for the sampler's mismatch; 0: off
 seed = 1337
 dist_timeout_s = 7200.0  # a collective waits this long for a dead or stuck rank (docs/scale.md says why 2 h)
+lock_stale_s = 120.0  # out_dir's lock, refreshed by its run, may be taken over after this long without a refresh
 # rollout
 enable_thinking = True
 max_new_tokens = 8192
@@ -144,11 +148,100 @@ def fail(msg):
     sys.exit(f"error: {msg}")
 
 
+stop = []  # the signal that asked the run to stop; the loop stops at its next safe point
+
+
+def on_signal(signum, frame):
+    if stop:  # a second signal: at once (a checkpoint being written stays a .tmp_ folder, never a ckpt_)
+        os._exit(128 + signum)
+    stop.append(signal.Signals(signum).name)
+    print(f"\n{stop[0]} while {globals().get('phase', 'starting')}: stopping at the next safe point; a second signal "
+          "exits at once", file=sys.stderr, flush=True)
+
+
+def on_error(kind, e, tb):
+    """A collective that failed (a peer died, or waited dist_timeout_s for a stuck one): one line naming
+    the step instead of gloo's or nccl's traceback. Any other error keeps its traceback."""
+    if ddp and isinstance(e, RuntimeError) and any(w in str(e) for w in ("gloo", "NCCL", "Connection", "imed out")):
+        where = f"step {globals()['step'] + 1}" if "step" in globals() else "start-up"
+        print(f"error: {where}: a collective with the other ranks failed: {str(e).splitlines()[0][:300]}. "
+              f"A rank died, or waited dist_timeout_s={dist_timeout_s:g} for a stuck one; the newest checkpoint "
+              "continues the run (--resume=auto)", file=sys.stderr, flush=True)
+    else:
+        sys.__excepthook__(kind, e, tb)
+
+
+sys.excepthook = on_error
+signal.signal(signal.SIGINT, on_signal)
+signal.signal(signal.SIGTERM, on_signal)
+
+
+def take_lock(path):
+    """One run per out_dir: the lock names its holder (pid, host, since when), is refreshed every
+    lock_stale_s / 4 seconds while the run lives, and is removed at its exit. A lock whose process
+    is gone from this host, or that nobody refreshed for lock_stale_s (a holder on another host,
+    as after a requeue), is taken over, and that is said."""
+    me = dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime("%Y-%m-%d %H:%M:%S"))
+    for _ in range(2):
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+                json.dump(me, f)
+            break
+        except FileExistsError:
+            pass
+        except OSError as e:  # a full disk, a read-only folder
+            if os.path.exists(path) and not os.path.getsize(path):
+                os.remove(path)
+            fail(f"cannot write {path}: {e.strerror}")
+        try:
+            held, age = json.load(open(path)), time.time() - os.path.getmtime(path)
+        except (OSError, ValueError):
+            held, age = {}, math.inf  # half-written by a writer that died at once
+        gone = held.get("host") == me["host"] and (held.get("pid") == me["pid"] or not alive(held.get("pid")))
+        if not gone and age < lock_stale_s:
+            fail(f"out_dir={out_dir} is in use by pid {held.get('pid')} on {held.get('host')} since "
+                 f"{held.get('since')} (refreshed {age:.0f} s ago; {path} is stale after lock_stale_s="
+                 f"{lock_stale_s:g} s): wait for it, stop it, or use another out_dir")
+        print(f"taking over {path} from pid {held.get('pid')} on {held.get('host')}: "
+              + ("not running" if gone else f"not refreshed for {age:.0f} s"))
+        os.remove(path)
+    else:
+        fail(f"another run took {path} at the same moment")
+
+    def release():
+        try:
+            if json.load(open(path)) == me:
+                os.remove(path)
+        except (OSError, ValueError):
+            pass  # taken over: not ours to remove
+
+    def refresh():
+        while True:
+            time.sleep(lock_stale_s / 4)
+            try:
+                os.utime(path)
+            except OSError:
+                return
+    atexit.register(release)
+    threading.Thread(target=refresh, daemon=True).start()
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError):
+        pass  # another user's process, or no pid recorded
+    return True
+
+
 # --- validate everything that can be checked before a model is loaded or a file is written
 check_ranges(config, dict(
     rollout.SAMPLING_RANGES, **judge_lib.RANGES, learning_rate="> 0", max_steps=">= 1", save_interval=">= 1",
     keep_last=">= 1", warmup_steps=">= 0", batch_groups=">= 1", max_ref_words=">= 1", weight_decay=">= 0",
-    ref_shaping_gamma=">= 0", tis_cap=">= 0", dist_timeout_s="> 0", beta1="[0, 1)", beta2="[0, 1)", grad_clip=">= 0", micro_batch_tokens=">= 1",
+    ref_shaping_gamma=">= 0", tis_cap=">= 0", dist_timeout_s="> 0", lock_stale_s="> 0", beta1="[0, 1)", beta2="[0, 1)", grad_clip=">= 0", micro_batch_tokens=">= 1",
     logprob_chunk=">= 1", bucket_numel=">= 1", epsilon="> 0", epsilon_high="> 0", kl_coef=">= 0",
     num_iterations=">= 1", device_memory_gb=">= 0"))
 try:
@@ -189,12 +282,35 @@ if ckpt:
         fail(f"cannot resume from {ckpt}: {bad}. " + (f"{whole} is complete: continue from it with "
              f"--resume_from={whole}" if whole else "No earlier checkpoint is complete: start another out_dir"))
 from transformers import AutoConfig, AutoTokenizer  # noqa: E402
-tok = None  # the tiny run builds its tokenizer with its model; any other is read now, before the weights
+longest = 0  # the longest sequence a row makes: a prompt and max_new_tokens, or a prompt and its reference
+
+
+def too_long(row):
+    """A row whose prompt and story cannot fit the model's positions: refused by name at load time."""
+    global longest
+    user = [dict(role="user", content=row["prompt"])]
+    n = len(rollout.render_prompt(tok, row["prompt"], enable_thinking))
+    full = tok.apply_chat_template(user + [dict(role="assistant", content=row["story"])], tokenize=False,
+                                   enable_thinking=enable_thinking)
+    m = len(tok(full, add_special_tokens=False).input_ids) if n_ref else 0
+    longest = max(longest, n + max_new_tokens, m)
+    if n + max_new_tokens > positions:
+        return f"the prompt is {n:,} tokens: with max_new_tokens={max_new_tokens:,} more than the model's {positions:,}"
+    if m > positions:
+        return f"the prompt and its reference story are {m:,} tokens, more than the model's {positions:,}"
+
+
 try:
-    if init_from != "tiny" or ckpt:
+    if init_from == "tiny" and not ckpt:  # its tokenizer is trained on the data: the rows are checked first
+        rubric.load_rows(train_data, max_words=max_ref_words)
+        tiny_model, tok = rollout.build_tiny([train_data], tiny_vocab, tiny_hidden, tiny_layers, seed)
+        model_config = tiny_model.config
+    else:
         tok = AutoTokenizer.from_pretrained(ckpt or init_from)
-    specials = set(rubric.CHAT_MARKERS) | set(tok.all_special_tokens if tok else ())
-    rows = rubric.load_rows(train_data, max_words=max_ref_words, special_tokens=sorted(specials))
+        model_config = AutoConfig.from_pretrained(ckpt or init_from)
+    positions = model_config.get_text_config().max_position_embeddings
+    specials = set(rubric.CHAT_MARKERS) | set(tok.all_special_tokens)
+    rows = rubric.load_rows(train_data, max_words=max_ref_words, special_tokens=sorted(specials), check=too_long)
     data_sha = hashlib.sha256(open(train_data, "rb").read()).hexdigest()
     judge = judge_lib.judge_from_config(config, cache_dir=os.path.join(out_dir, "judge_cache"))
 except FileNotFoundError as e:
@@ -246,22 +362,17 @@ else:  # a hub id: the local copy that from_pretrained would read (downloaded on
     from huggingface_hub import snapshot_download
     base_dir = snapshot_download(init_from)
 if init_from == "tiny" and not ckpt:
-    model, tok = rollout.build_tiny([train_data], tiny_vocab, tiny_hidden, tiny_layers, seed)
-    model_config = model.config
+    model = tiny_model
     n_params = n_trainable = sum(p.numel() for p in model.parameters())
 else:
-    try:
-        model_config = AutoConfig.from_pretrained(ckpt or init_from)
-    except (OSError, ValueError) as e:
-        fail(f"init_from={ckpt or init_from!r}: {e}")
     policy_cls = rollout.policy_class(model_config)  # Qwen3_5ForConditionalGeneration for the hub's 9B
     with torch.device("meta"):  # count parameters without allocating them
         skeleton = policy_cls._from_config(model_config)
     rollout.freeze_vision(skeleton)
     n_params = sum(p.numel() for p in skeleton.parameters())
     n_trainable = sum(p.numel() for p in skeleton.parameters() if p.requires_grad)
-# the longest micro-batch: a prompt plus max_new_tokens, or the budget when it allows more
-tokens = max(micro_batch_tokens, max_new_tokens + 512)
+# the longest micro-batch: the budget, or one sequence longer than it
+tokens = max(micro_batch_tokens, longest)
 plan = rollout.memory_plan(n_params, ddp_world_size, ptdtype.itemsize, n_trainable, rollout.activation_bytes(
     model_config, tokens, logprob_chunk, gradient_checkpointing, ptdtype.itemsize))
 budget = device_memory_gb * 1e9 or (torch.cuda.get_device_properties(device).total_memory if "cuda" in device else 0)
@@ -276,9 +387,16 @@ if budget and sum(plan.values()) > 0.9 * budget:
          "use more ranks or a smaller model")
 
 # one real judge call before the weights load: a rejected key, a wrong URL or model stops here
-probe = judge.submit(rows[0]["prompt"], rows[0]["target_words"], rows[0]["story"]).result()
-if probe["fatal"]:
-    fail(f"the judge cannot be used: {probe['error']}")
+probe = judge.submit(rows[0]["prompt"], rows[0]["target_words"], rows[0]["story"])
+while not stop and concurrent.futures.wait([probe], timeout=0.5).not_done:
+    pass
+if stop:
+    judge.pool.shutdown(wait=False, cancel_futures=True)
+    fail(f"stopped by {stop[0]} before the first step")
+if probe.result()["fatal"]:
+    fail(f"the judge cannot be used: {probe.result()['error']}")
+if master_process:
+    take_lock(os.path.join(out_dir, "run.lock"))  # before anything is written
 if init_from == "tiny" and not ckpt:
     if master_process:  # the tiny run's base model: its checkpoints' format, and evaluation's baseline
         model.save_pretrained(base_dir)
@@ -316,27 +434,28 @@ if ckpt:
     start_step = state["step"]
     if master_process:
         print(f"resuming from {ckpt} at step {start_step}")
-        for name in ("metrics.jsonl", "rollouts.jsonl"):  # drop rows written after the checkpoint
-            path = os.path.join(out_dir, name)
-            if os.path.exists(path):
-                keep = []
-                for line in open(path, encoding="utf-8", errors="replace"):
-                    try:
-                        if json.loads(line)["step"] < start_step:
-                            keep.append(line if line.endswith("\n") else line + "\n")
-                    except ValueError:
-                        pass  # the half-written last line of a run killed during the append
-                try:  # a whole new file first, then swapped in: a full disk leaves the old one as it was
-                    with open(path + ".tmp", "w") as f:
-                        f.writelines(keep)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(path + ".tmp", path)
-                except OSError as e:
-                    if os.path.exists(path + ".tmp"):
-                        os.remove(path + ".tmp")
-                    fail(f"cannot rewrite {path} to drop the rows after step {start_step}: {e.strerror}; "
-                         "it is unchanged. Free some space and run the same command again")
+        # drop the rows written after the checkpoint: both files written anew beside the old ones,
+        # then swapped in; a full disk leaves both as they were
+        paths = [p for p in (os.path.join(out_dir, n) for n in ("metrics.jsonl", "rollouts.jsonl")) if os.path.exists(p)]
+        try:
+            for path in paths:
+                with open(path, encoding="utf-8", errors="replace") as src, open(path + ".tmp", "w") as dst:
+                    for line in src:
+                        try:
+                            if json.loads(line)["step"] < start_step:
+                                dst.write(line if line.endswith("\n") else line + "\n")
+                        except ValueError:
+                            pass  # the half-written last line of a run killed during the append
+                    dst.flush()
+                    os.fsync(dst.fileno())
+        except OSError as e:
+            for path in paths:
+                if os.path.exists(path + ".tmp"):
+                    os.remove(path + ".tmp")
+            fail(f"cannot rewrite {path} to drop the rows after step {start_step}: {e.strerror}; the logs are "
+                 "unchanged. Free some space and run the same command again")
+        for path in paths:
+            os.replace(path + ".tmp", path)
 
 
 def first_error(err):
@@ -346,6 +465,13 @@ def first_error(err):
         errs = [None] * ddp_world_size
         dist.all_gather_object(errs, err)
     return next((e for e in errs if e), "")
+
+
+def write_error(e):
+    """Why a write failed, in words: torch's zip writer reports a full disk as 'unexpected pos'."""
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+    free = shutil.disk_usage(out_dir).free
+    return why if "No space" in why or free > 2 ** 20 else f"No space left on device, {free:,} bytes free ({why})"
 
 
 def save_checkpoint(step):
@@ -364,8 +490,8 @@ def save_checkpoint(step):
         rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
         with open(os.path.join(tmp, f"optim_rank{ddp_rank}.pt"), "wb") as f:  # a file object: OSError names the cause
             torch.save(dict(opt.state_dict(), rng=rng), f)
-    except Exception as e:  # noqa: BLE001 -- OSError, or safetensors' and torch's own errors; each says why
-        err = f"rank {ddp_rank}: {e}"
+    except Exception as e:  # noqa: BLE001 -- OSError, or safetensors' and torch's own errors
+        err = f"rank {ddp_rank}: {write_error(e)}"
     err = first_error(err)
     if master_process and not err:
         try:
@@ -380,7 +506,7 @@ def save_checkpoint(step):
             for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))[:-keep_last]:
                 shutil.rmtree(old)
         except Exception as e:  # noqa: BLE001
-            err = str(e)
+            err = write_error(e)
     err = first_error(err)
     if err:
         if master_process:
@@ -419,17 +545,6 @@ def step_rows(step):
     return out
 
 
-stop = []  # the signal that asked the run to stop; the loop stops at its next safe point
-
-
-def on_signal(signum, frame):
-    if stop:  # a second signal: at once (a checkpoint being written stays a .tmp_ folder, never a ckpt_)
-        os._exit(128 + signum)
-    stop.append(signal.Signals(signum).name)
-    print(f"\n{stop[0]} while {globals().get('phase', 'starting')}: stopping at the next safe point; a second signal "
-          "exits at once", file=sys.stderr, flush=True)
-
-
 def stop_run(done, where):
     """Every rank, together: checkpoint the last completed step if it has none, then exit."""
     judge.pool.shutdown(wait=False, cancel_futures=True)
@@ -442,21 +557,6 @@ def stop_run(done, where):
          "to continue" if done else "no step was completed; run the same command to start again"))
 
 
-def on_error(kind, e, tb):
-    """A collective that failed (a peer died, or waited dist_timeout_s for a stuck one): one line naming
-    the step instead of gloo's or nccl's traceback. Any other error keeps its traceback."""
-    if ddp and isinstance(e, RuntimeError) and any(w in str(e) for w in ("gloo", "NCCL", "Connection", "imed out")):
-        where = f"step {globals()['step'] + 1}" if "step" in globals() else "start-up"
-        print(f"error: {where}: a collective with the other ranks failed: {str(e).splitlines()[0][:300]}. "
-              f"A rank died, or waited dist_timeout_s={dist_timeout_s:g} for a stuck one; the newest checkpoint "
-              "continues the run (--resume=auto)", file=sys.stderr, flush=True)
-    else:
-        sys.__excepthook__(kind, e, tb)
-
-
-sys.excepthook = on_error
-signal.signal(signal.SIGINT, on_signal)
-signal.signal(signal.SIGTERM, on_signal)
 plain_sampling = presence_penalty == 0 and repetition_penalty == 1 and top_k == 0 and top_p == 1
 wandb_id = state.get("wandb_id") if ckpt else None
 wandb_id = wandb_id or f"{time.strftime('%Y%m%d%H%M%S')}{random.Random().randrange(16 ** 6):06x}"

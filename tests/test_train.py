@@ -63,6 +63,7 @@ def test_two_steps_write_a_loadable_checkpoint(tmp_path):
     (["--judge_workers=0", "--judge_timeout=0", "--judge_max_fail_frac=2"], {}, "judge_workers=0 must be >= 1"),
     (["--warmup_steps=-1", "--logprob_chunk=0", "--length_weight=-5"], {}, "length_weight=-5.0 must be >= 0"),
     (["--micro_batch_tokens=0", "--max_steps=0", "--judge_retries=-1"], {}, "judge_retries=-1 must be >= 0"),
+    (["--max_new_tokens=8190"], {}, "data/sample/train.jsonl:1: the prompt is 4"),  # + 8,190 > the tiny model's 8,192
 ])
 def test_bad_input_stops_before_the_model_loads(tmp_path, args, env, message):
     p = subprocess.run([sys.executable, "train.py", "config/tiny.py", f"--out_dir={tmp_path}/run", *args],
@@ -88,7 +89,9 @@ def test_invalid_data_names_file_and_line(tmp_path, line, why):
 
 def test_memory_plan_refuses_a_9b_run_that_cannot_fit(tmp_path):
     from transformers import Qwen3_5TextConfig
-    Qwen3_5TextConfig().save_pretrained(tmp_path / "qwen3_5_9b")  # the 9B architecture, config only
+    import rollout
+    Qwen3_5TextConfig().save_pretrained(tmp_path / "qwen3_5_9b")  # the 9B architecture, no weights
+    rollout.build_tiny(["data/sample/train.jsonl"])[1].save_pretrained(tmp_path / "qwen3_5_9b")  # a tokenizer
     p = subprocess.run([sys.executable, "train.py", "config/polaris.py", "--train_data=data/sample/train.jsonl",
                         f"--init_from={tmp_path}/qwen3_5_9b", "--device_memory_gb=80.0", f"--out_dir={tmp_path}/run",
                         "--judge_url=local"],
