@@ -362,9 +362,8 @@ if __name__ == "__main__":
                                          timeout=c["judge_timeout"], retries=c["judge_retries"], max_tokens=0,
                                          max_reply_bytes=c["judge_max_reply_bytes"], cache_dir=gen_cache or None,
                                          extra={k: v for k, v in fields.items() if v is not None})
-                # an empty reply is not cached, so that a later run asks again
-                futures = [client.pool.submit(client.chat, [dict(role="user", content=r["prompt"])], cache_empty=False)
-                           for r in todo]
+                # an empty reply is not cached (chat's default), so that a later run asks again
+                futures = [client.pool.submit(client.chat, [dict(role="user", content=r["prompt"])]) for r in todo]
             else:
                 import torch
                 from transformers import AutoModelForCausalLM, AutoTokenizer
