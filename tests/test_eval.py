@@ -306,3 +306,27 @@ def test_failed_judgements_are_asked_again(tmp_path):
     assert [(r["id"], r["error"]) for r in scored] == [("p1", None), ("p2", None)], "the failed rows are replaced"
     assert "asking again for 1 failed" in pair2.stdout, pair1.stdout + pair2.stdout
     assert sorted(r["id"] for r in pairs) == ["p1", "p2"] and all(r["winner"] for r in pairs), pairs
+
+
+def test_ctrl_c_while_judging_ends_at_once(tmp_path):
+    import signal
+    import time
+    from test_judge import FaultServer
+    g = tmp_path / "g.jsonl"
+    g.write_text("".join(gens_row(f"p{i}", story=f"Once, {i}.") + "\n" for i in range(40)))
+    s = FaultServer(latency=0.5)
+    p = subprocess.Popen([sys.executable, "eval.py", "--task=score", f"--gens={g}", f"--judge_url={s.url}", "--judge_workers=2",
+                          "--judge_cache="], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(s.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=5)
+        n = len(s.requests)
+        time.sleep(1)
+        assert len(s.requests) == n and n < 10, f"no request after the interrupt ({n}, then {len(s.requests)})"
+    finally:
+        p.kill()
+        s.close()
+    assert p.returncode != 0 and "interrupted" in err and "Traceback" not in err, err[-2000:]
