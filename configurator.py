@@ -9,16 +9,20 @@ which applies, in order, each config file named on the command line (python file
 overrides, e.g. config/tiny.py) and each --key=value. Values are parsed with literal_eval
 (a bare word stays a string) and must match the default's type: None accepts anything, an int
 may stand for a float. Unknown keys are rejected with the nearest valid names. Any bad input
-exits before the script does expensive work, naming the file:line or the flag. Then each script
+exits before the script does expensive work, naming the file:line or the flag; so does a number
+that is not finite (1e999 parses as inf). Then each script
 checks the values against their allowed ranges with check_ranges, the rules written once where
 the settings are defined (judge.RANGES, rollout.SAMPLING_RANGES, train.py's own).
 
+A config file is executed as Python, like nanoGPT's: run only config files you trust.
 nanoGPT exec()s this file into the script instead; a function is used here so that tests can
 call it and so that scripts run from any working directory.
 """
 import ast
 import difflib
+import math
 import os
+import re
 import sys
 
 SETTING_TYPES = (bool, int, float, str, tuple, list, dict, type(None))
@@ -26,10 +30,30 @@ ALSO_ALLOWED = {"resume": ("auto",)}  # values a setting takes beside those of i
 
 
 def _fail(msg):
-    sys.exit(f"config error: {msg}")
+    sys.exit(f"config error: {redact_url(msg)}")
+
+
+_QUERY = re.compile(r"((?:[a-z][a-z0-9+.-]*://|/)[^\s?#'\"<>]*\?)([^\s#'\"<>]*)", re.I)
+
+
+def redact_url(text):
+    """Some providers take the API key in the URL (?key=...): every query value of every URL
+    or path in text becomes ***, wherever a URL is printed or stored (messages, logs, state.pt)."""
+    return _QUERY.sub(lambda m: m[1] + (re.sub(r"=[^&;]*", "=***", m[2]) if "=" in m[2] else "***"), str(text))
+
+
+def _finite(v):
+    """No inf or NaN anywhere in a setting, inside tuples, lists and dicts too."""
+    if isinstance(v, dict):
+        v = list(v.values())
+    if isinstance(v, (tuple, list)):
+        return all(_finite(x) for x in v)
+    return not isinstance(v, float) or math.isfinite(v)
 
 
 def _check(keys, key, value, where):
+    if not _finite(value):
+        _fail(f"{where}: {key}={value!r} is not a finite number")
     if key not in keys:
         near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
         _fail(f"{where}: unknown key '{key}'" + (f" (did you mean {', '.join(near)}?)" if near else ""))
@@ -80,7 +104,7 @@ def configure(g, argv=None):
             val = parsed  # but --run_name=42 stays the string '42'
         g[key] = _check(keys, key, val, f"--{key}")
         if verbose:
-            print(f"override: {key} = {g[key]!r}")
+            print(f"override: {key} = {redact_url(repr(g[key]))}")
     return {k: g[k] for k in keys}
 
 
@@ -94,7 +118,8 @@ def _in_range(v, rule):
 
 def check_ranges(c, rules):
     """rules: {key: '> 0' | '>= 1' | '[0, 1]' | '(0, 1]' | ...}. Exits naming every value of c
-    outside its range (NaN is outside every range), before any expensive work."""
-    bad = [f"{k}={c[k]!r} must be {'in ' * (rule[0] in '[(')}{rule}" for k, rule in rules.items() if k in c and not _in_range(c[k], rule)]
+    outside its range (NaN is outside every range, and so is inf), before any expensive work."""
+    bad = [f"{k}={c[k]!r} must be {'finite and ' * (abs(c[k]) == math.inf)}{'in ' * (rule[0] in '[(')}{rule}"
+           for k, rule in rules.items() if k in c and not (_finite(c[k]) and _in_range(c[k], rule))]
     if bad:
         _fail("; ".join(bad))

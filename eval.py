@@ -21,6 +21,7 @@ the guard is the one difference from train.py's top-to-bottom style.
 import json
 import math
 import os
+import signal
 import sys
 from itertools import combinations
 
@@ -42,6 +43,8 @@ def bucket(target_words):
 def bootstrap_ci(groups, stat, n_boot=1000, seed=0):
     """95% percentile interval of stat(list of groups) when the groups (one per prompt) are
     resampled with replacement: prompts, not single judgements, are the unit of sampling."""
+    if not groups:  # nothing to resample (every judgement failed)
+        return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
     stats = [stat([groups[i] for i in rng.integers(0, len(groups), len(groups))]) for _ in range(n_boot)]
     stats = [s for s in stats if not math.isnan(s)]
@@ -110,10 +113,11 @@ def bradley_terry(battles, models, anchor=None, ridge=1e-6):
 # files
 
 
-def read_jsonl(path, must_exist=False):
+def read_jsonl(path, must_exist=False, numbered=False):
     """Complete rows of a JSONL file; an interrupted writer's half line at the end is dropped
     (and removed from the file, so appending continues cleanly). Missing file: [] for an
-    output being resumed, an error for an input the user named (must_exist=True)."""
+    output being resumed, an error for an input the user named (must_exist=True).
+    numbered=True: (line number, row) pairs, for messages that name the line."""
     if not os.path.exists(path):
         if must_exist:
             raise ValueError(f"{path}: no such file")
@@ -124,15 +128,55 @@ def read_jsonl(path, must_exist=False):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append((k + 1, json.loads(line)) if numbered else json.loads(line))
         except json.JSONDecodeError:
             if k < len(lines) - 1:
                 raise ValueError(f"{path}:{k + 1}: invalid JSON")
             print(f"{path}: dropping a half-written last line from an interrupted run")
             with open(path + ".tmp", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+                f.writelines(json.dumps(r[1] if numbered else r) + "\n" for r in rows)
             os.replace(path + ".tmp", path)
     return rows
+
+
+def read_gens(files):
+    """{file: (model name, rows)} of generation files, checked before any judging: every row
+    can be scored, no id twice in a file, ids of one type in all (7 and "7" would be two prompts),
+    and no two files with one model name (their rows would merge in every table)."""
+    gens, owner, kind = {}, {}, None
+    for f in files:
+        rows, seen = [], set()
+        for line, r in read_jsonl(f, must_exist=True, numbered=True):
+            problem = rubric.row_problem(r, max_words=None, allow_empty=True, special_tokens=())
+            if not problem and r["id"] in seen:
+                problem = f"id {r['id']!r} given twice"
+            elif not problem and kind not in (None, type(r["id"])):
+                problem = f"id {r['id']!r} is {type(r['id']).__name__} where the ids before are {kind.__name__}"
+            if problem:
+                raise ValueError(f"{f}:{line}: {problem}")
+            kind = type(r["id"])
+            seen.add(r["id"])
+            rows.append(r)
+        if not rows:
+            raise ValueError(f"{f}: no generations")
+        name = rows[0].get("model") or os.path.basename(f)
+        if name in owner:
+            raise ValueError(f"{owner[name]} and {f} hold one model name, {name!r}: rename one (the 'model' field)")
+        owner[name], gens[f] = f, (name, rows)
+        rubric.warn_uncounted(f, rows)
+    return gens
+
+
+def drop_failed(path, failed):
+    """Rows of a resumable output whose judging failed are removed, so that this run asks again."""
+    rows = read_jsonl(path)
+    keep = [r for r in rows if not failed(r)]
+    if len(keep) < len(rows):
+        print(f"{path}: asking again for {len(rows) - len(keep)} failed judgement(s)")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+        os.replace(path + ".tmp", path)
+    return keep
 
 
 def read_pairs(paths, must_exist=True):
@@ -326,7 +370,9 @@ if __name__ == "__main__":
                     batch_size=">= 1"))
 
     def fail(msg):
-        sys.exit(f"error: {msg}")
+        sys.exit(f"error: {judge_lib.redact_url(msg)}")
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the run like Ctrl-C
 
     gen_files = [g for g in gens.split(",") if g]
     try:
@@ -339,7 +385,7 @@ if __name__ == "__main__":
             rows = read_jsonl(prompts, must_exist=True)
             for k, r in enumerate(rows, 1):
                 t = r.get("target_words")
-                if not r.get("id") or not r.get("prompt") or isinstance(t, bool) or not isinstance(t, int) or t <= 0:
+                if not r.get("id") or not r.get("prompt") or isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= rubric.MAX_TARGET_WORDS:
                     fail(f"{prompts}: row {k} needs id, prompt and a positive integer target_words")
             rows = rows[:limit] if limit else rows
             done = {r["id"] for r in read_jsonl(out)}
@@ -362,9 +408,8 @@ if __name__ == "__main__":
                                          timeout=c["judge_timeout"], retries=c["judge_retries"], max_tokens=0,
                                          max_reply_bytes=c["judge_max_reply_bytes"], cache_dir=gen_cache or None,
                                          extra={k: v for k, v in fields.items() if v is not None})
-                # an empty reply is not cached, so that a later run asks again
-                futures = [client.pool.submit(client.chat, [dict(role="user", content=r["prompt"])], cache_empty=False)
-                           for r in todo]
+                # an empty reply is not cached (chat's default), so that a later run asks again
+                futures = [client.pool.submit(client.chat, [dict(role="user", content=r["prompt"])]) for r in todo]
             else:
                 import torch
                 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -418,28 +463,29 @@ if __name__ == "__main__":
         elif task == "score":
             if not gen_files:
                 fail("--task=score needs --gens=FILE[,FILE...]")
+            gens_by_file = read_gens(gen_files)
             judge = judge_lib.judge_from_config(c, cache_dir=c["judge_cache"] or None)
-            for f in gen_files:
-                rows = read_jsonl(f, must_exist=True)
-                if not rows:
-                    fail(f"{f}: no generations")
-                done = {r["id"] for r in read_jsonl(scores_path(f))}
+            for f, (label, rows) in gens_by_file.items():
+                done = {r["id"] for r in drop_failed(scores_path(f), lambda r: r.get("error") is not None)}
                 todo = [r for r in rows if r["id"] not in done]
                 print(f"{f}: scoring {len(todo)} of {len(rows)} ({len(done)} already in {scores_path(f)})")
                 results, used = judge.score(todo, progress=True)
                 for r, res in zip(todo, results):
-                    append_jsonl(scores_path(f), dict({k: r[k] for k in ("id", "target_words", "model")}, **res))
-                print(f"  judge: {used['failures']} failures, {used['tokens_in'] + used['tokens_out']} tokens, ${used['cost']:.4f}")
+                    append_jsonl(scores_path(f), dict(id=r["id"], target_words=r["target_words"], model=label, **res))
+                print(f"  judge: {used['failures']} failures, {used['tokens_in'] + used['tokens_out']} tokens, ${used['cost']:.4f}"
+                      + (f" (+ the unknown cost of {used['unpriced']} replies without token counts)" if used["unpriced"] else ""))
             judge.close()
             print(format_quality(quality_table(gen_files, n_boot)))
 
         elif task == "pairwise":
             if len(gen_files) < 2:
                 fail("--task=pairwise needs --gens with two or more files")
+            gens_by_file = read_gens(gen_files)
             ids = shared_ids(gen_files, allow_intersection)
-            by_file = {f: {r["id"]: r for r in read_jsonl(f)} for f in gen_files}
-            label = {f: next(iter(by_file[f].values())).get("model") or os.path.basename(f) for f in gen_files}
+            by_file = {f: {r["id"]: r for r in rows} for f, (_, rows) in gens_by_file.items()}
+            label = {f: name for f, (name, _) in gens_by_file.items()}
             judge = judge_lib.judge_from_config(c, cache_dir=c["judge_cache"] or None)
+            drop_failed(pairs, lambda r: r.get("winner") is None)
             done = {(r["id"], r["model_a"], r["model_b"]) for r in read_pairs(pairs, must_exist=False)}
             cut = lambda t: t[:max_chars] if max_chars else t
             jobs = []
@@ -471,8 +517,8 @@ if __name__ == "__main__":
         elif task == "report":
             # the default pairs file joins the report if it exists; a pairs file named on the command line must
             all_pairs = read_pairs(pairs, must_exist=pairs != _PAIRS)
-            for f in gen_files:
-                read_jsonl(f, must_exist=True)
+            if gen_files:
+                read_gens(gen_files)
             report = out or "out/eval/report.md"
             parts = ["# POLARIS evaluation", ""]
             if gen_files:
@@ -513,3 +559,5 @@ if __name__ == "__main__":
             fail(f"--task={task!r} must be one of generate, score, pairwise, elo, report")
     except (OSError, ValueError) as e:
         fail(str(e))
+    except KeyboardInterrupt:  # the rows written so far stay, and a rerun resumes after them
+        judge_lib.stop(globals().get("judge") or globals().get("client"), "interrupted: queued judge requests cancelled")

@@ -155,7 +155,7 @@ class _LocalHandler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         time.sleep(self.latency)
-        if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+        if self.path.split("?")[0].rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
             return self._send(404, {"error": {"message": f"no route {self.path}"}})
         try:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))

@@ -196,7 +196,11 @@ _KEYS = {_key(n): n for n in NAMES + ["Overall"]}
 
 def _lines(text):
     """(canonical name, value string) for every line shaped like `Name: value`, after
-    stripping markdown (bold, italics, code fences, headings, bullets)."""
+    stripping markdown (bold, italics, code fences, headings, bullets). A reasoning judge served
+    without a reasoning parser puts its thinking, draft scores included, in the reply: only what
+    follows the last </think> counts, and nothing from an unclosed <think> on (a reply cut while
+    thinking has no answer yet)."""
+    text = text.rsplit("</think>", 1)[-1].split("<think>", 1)[0]
     for raw in text.splitlines():
         line = re.sub(r"[*_`#]", "", raw).strip()
         line = _LEAD.sub("", line).lower()
@@ -250,12 +254,13 @@ def parse_pairwise(text):
 # data: one JSON object per line, {"id", "prompt", "target_words", "story"}
 
 MAX_REF_WORDS = 4000  # the paper's references are at most 4,000 words
+MAX_TARGET_WORDS = 100_000  # a novel: no model's context holds more; a larger request is a typo
 # Qwen's chat-format tokens. A text holding one cannot be rendered faithfully: Qwen3.5's template
 # moves whatever precedes </think> out of the answer, so such a story cannot be teacher-forced.
 CHAT_MARKERS = ("<think>", "</think>", "<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
-def _row_problem(row, max_words, allow_empty, special_tokens):
+def row_problem(row, max_words, allow_empty, special_tokens):
     if not isinstance(row, dict):
         return "not a JSON object"
     missing = [k for k in ("id", "prompt", "target_words", "story") if k not in row]
@@ -266,8 +271,8 @@ def _row_problem(row, max_words, allow_empty, special_tokens):
     if not isinstance(row["prompt"], str) or not row["prompt"].strip():
         return "empty prompt"
     t = row["target_words"]
-    if isinstance(t, bool) or not isinstance(t, int) or t <= 0:
-        return f"target_words must be a positive integer, got {t!r}"
+    if isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= MAX_TARGET_WORDS:
+        return f"target_words must be a positive integer up to {MAX_TARGET_WORDS}, got {t!r}"
     if not isinstance(row["story"], str):
         return "story must be a string"
     if not allow_empty and not row["story"].strip():
@@ -300,7 +305,7 @@ def load_rows(path, max_words=MAX_REF_WORDS, allow_empty=False, skip_bad=False, 
             except json.JSONDecodeError as e:
                 bad.append(f"{path}:{i}: invalid JSON ({e.msg})")
                 continue
-            problem = _row_problem(row, max_words, allow_empty, special_tokens) or (check and check(row))
+            problem = row_problem(row, max_words, allow_empty, special_tokens) or (check and check(row))
             if problem is None and row["id"] in seen:
                 problem = f"duplicate id {row['id']!r}"
             if problem:
@@ -314,4 +319,15 @@ def load_rows(path, max_words=MAX_REF_WORDS, allow_empty=False, skip_bad=False, 
         print(f"skipping {b}")
     if not rows:
         raise ValueError(f"{path}: no usable rows")
+    warn_uncounted(path, rows)
     return rows
+
+
+def warn_uncounted(path, rows):
+    """Once per file, not an error: count_words splits at spaces, so it undercounts text written
+    without them (Chinese, Japanese, Thai: an 840-character story is one word) and the length
+    score of such a story is wrong. Over 15 letters per word marks it; English averages 5."""
+    odd = [r["id"] for r in rows if len(_WORD.findall(r["story"])) > 15 * max(1, count_words(r["story"]))]
+    if odd:
+        print(f"warning: {path}: {len(odd)} stories (id {odd[0]!r} first) average over 15 letters per word: "
+              "count_words counts words by spaces, and undercounts text written without them (Chinese, Thai, ...)")

@@ -64,7 +64,7 @@ from tqdm import tqdm
 import judge as judge_lib
 import rollout
 import rubric
-from configurator import check_ranges, configure
+from configurator import check_ranges, configure, redact_url
 from optim import ShardedAdamW
 
 # -----------------------------------------------------------------------------
@@ -137,6 +137,7 @@ judge_price_in, judge_price_out = 0.50, 3.00  # dollars per million tokens
 length_weight = 25.0
 # -----------------------------------------------------------------------------
 config = configure(globals())
+safe_config = {k: redact_url(v) if isinstance(v, str) else v for k, v in config.items()}  # no key from a URL is stored
 ddp = int(os.environ.get("RANK", -1)) != -1  # torchrun sets RANK
 ddp_rank = int(os.environ.get("RANK", 0))
 ddp_local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -225,6 +226,7 @@ def take_lock(path):
                 return
     atexit.register(release)
     threading.Thread(target=refresh, daemon=True).start()
+    return release
 
 
 def alive(pid):
@@ -391,12 +393,10 @@ probe = judge.submit(rows[0]["prompt"], rows[0]["target_words"], rows[0]["story"
 while not stop and concurrent.futures.wait([probe], timeout=0.5).not_done:
     pass
 if stop:
-    judge.pool.shutdown(wait=False, cancel_futures=True)
-    fail(f"stopped by {stop[0]} before the first step")
+    judge_lib.stop(judge, f"stopped by {stop[0]} before the first step")
 if probe.result()["fatal"]:
     fail(f"the judge cannot be used: {probe.result()['error']}")
-if master_process:
-    take_lock(os.path.join(out_dir, "run.lock"))  # before anything is written
+release_lock = take_lock(os.path.join(out_dir, "run.lock")) if master_process else (lambda: None)  # before any write
 if init_from == "tiny" and not ckpt:
     if master_process:  # the tiny run's base model: its checkpoints' format, and evaluation's baseline
         model.save_pretrained(base_dir)
@@ -499,7 +499,7 @@ def save_checkpoint(step):
             files = {f: os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)}
             # what resume checks: the settings and data that decide each step's batch, and the files
             with open(os.path.join(tmp, "state.pt"), "wb") as f:
-                torch.save(dict(step=step, config=config, world_size=ddp_world_size, data_sha256=data_sha,
+                torch.save(dict(step=step, config=safe_config, world_size=ddp_world_size, data_sha256=data_sha,
                                 files=files, wandb_id=wandb_id), f)
             shutil.rmtree(final, ignore_errors=True)
             os.rename(tmp, final)
@@ -546,15 +546,18 @@ def step_rows(step):
 
 
 def stop_run(done, where):
-    """Every rank, together: checkpoint the last completed step if it has none, then exit."""
-    judge.pool.shutdown(wait=False, cancel_futures=True)
+    """Every rank, together: checkpoint the last completed step if it has none, then exit at once
+    (judge requests still in flight are dropped, not waited for)."""
+    judge.cancel()
     if done > saved:
         save_checkpoint(done)
     path = os.path.join(out_dir, f"ckpt_{done:06d}")
-    if not master_process:
-        sys.exit(1)
-    fail(f"stopped by {stop[0]} {where}: " + (f"{path} holds step {done}; run the same command with --resume=auto "
-         "to continue" if done else "no step was completed; run the same command to start again"))
+    if master_process:
+        print(f"error: stopped by {stop[0]} {where}: " + (f"{path} holds step {done}; run the same command with "
+              "--resume=auto to continue" if done else "no step was completed; run the same command to start again"),
+              file=sys.stderr, flush=True)
+    release_lock()
+    os._exit(1)
 
 
 plain_sampling = presence_penalty == 0 and repetition_penalty == 1 and top_k == 0 and top_p == 1
@@ -572,7 +575,7 @@ if master_process:
         print(f"{out_dir} held logs but no checkpoint: starting over, the old logs moved to {aside}")
     if wandb_log:
         import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=wandb_id, resume="allow")
+        wandb.init(project=wandb_project, name=wandb_run_name, config=safe_config, id=wandb_id, resume="allow")
 ref_cache = {}  # row id -> (prompt_ids, answer_ids, mask)
 t_ckpt = 0.0  # seconds spent writing the previous step's checkpoint
 saved = start_step  # the newest checkpoint's step (0: none needed)
@@ -638,6 +641,8 @@ for step in range(start_step, max_steps):
     futures = [s["future"] for _, _, samples in groups for s in samples if "future" in s]
     while not stop and concurrent.futures.wait(futures, timeout=0.5).not_done:
         pass  # woken twice a second to see a stop signal
+    if stop:
+        judge.cancel()
     asked, reasons, fatal = 0, collections.Counter(), 0
     for gid, row, samples in groups:
         for s in samples:
@@ -655,7 +660,7 @@ for step in range(start_step, max_steps):
             parts = [None] * ddp_world_size
             dist.all_gather_object(parts, reasons)
             reasons = sum(parts, collections.Counter())
-        judge.pool.shutdown(wait=False, cancel_futures=True)
+        judge.cancel()
         why = "a judge failure that no retry can fix" if health[2] else \
             f"{health[1]:.0f} of {health[0]:.0f} stories could not be scored (judge_max_fail_frac={judge_max_fail_frac})"
         fail(f"step {step + 1}: {why}; stopped before the update and checkpoint. Reasons: "

@@ -1,6 +1,6 @@
 import pytest
 
-from configurator import check_ranges, configure
+from configurator import check_ranges, configure, redact_url
 
 
 def defaults():
@@ -55,3 +55,36 @@ def test_ranges(value, rule, ok):
         with pytest.raises(SystemExit) as e:
             check_ranges({"x": value, "y": 3}, {"x": rule, "y": ">= 1"})
         assert str(e.value) == f"config error: x={value!r} must be {'in ' * (rule[0] in '[(')}{rule}", str(e.value)
+
+
+@pytest.mark.parametrize("argv", [["--lr=1e999"], ["--lr=-1e999"], ["--betas=(0.9, 1e999)"], ["--extra={'t': 1e999}"]])
+def test_a_number_that_is_not_finite_is_rejected(argv):
+    with pytest.raises(SystemExit) as e:
+        configure(defaults(), argv)
+    assert "is not a finite number" in str(e.value) and argv[0][2:].split("=")[0] in str(e.value), str(e.value)
+
+
+def test_a_config_file_nan_names_the_line(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("steps = 4\nlr = float('nan')\n")
+    with pytest.raises(SystemExit) as e:
+        configure(defaults(), [str(cfg)])
+    assert f"{cfg}:2: lr=nan is not a finite number" in str(e.value), str(e.value)
+
+
+def test_ranges_reject_infinity():
+    with pytest.raises(SystemExit) as e:
+        check_ranges({"timeout": float("inf")}, {"timeout": "> 0"})
+    assert str(e.value) == "config error: timeout=inf must be finite and > 0", str(e.value)
+
+
+def test_keys_in_urls_are_never_printed(capsys):
+    configure(defaults(), ["--url=https://api.example.com/v1beta/openai?key=SECRET&alt=sse", "--extra={'u': 'http://h/v1?key=SECRET'}"])
+    out = capsys.readouterr().out
+    assert "SECRET" not in out and "openai?key=***&alt=***" in out and "http://h/v1?key=***" in out, out
+    with pytest.raises(SystemExit) as e:
+        configure(defaults(), ["--steps=http://h/v1?key=SECRET"])
+    assert "SECRET" not in str(e.value) and "key=***" in str(e.value), str(e.value)
+    assert redact_url("url: /v1/chat/completions?key=SECRET (Caused by") == "url: /v1/chat/completions?key=*** (Caused by", \
+        "a path with a query, as urllib3 names it in its errors"
+    assert redact_url("why? because. http://h/v1") == "why? because. http://h/v1", "text and URLs without a query stay"

@@ -1,6 +1,7 @@
 """eval.py's statistics as functions, its tasks as subprocesses against the local judge, and data/prepare.py."""
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -257,3 +258,75 @@ def test_api_generation_fields_thinking_and_empty_replies(tmp_path):
     assert len(s.requests) == 4 and s.requests[3]["body"]["messages"][0]["content"] == prompts[1]["prompt"], \
         "the empty reply was not cached: the next run asks again for that prompt only"
     assert cached == 2, "API generations are cached apart from the judge's replies, the empty one not at all"
+
+
+def gens_row(i, **k):
+    return json.dumps(dict(dict(id=i, prompt="Write a 100-word story about x.", target_words=100, story="Once.", model="m"), **k))
+
+
+@pytest.mark.parametrize("files, where, why", [
+    ([[gens_row("p1"), gens_row("p2"), gens_row("p1")]], "g0.jsonl:3", "id 'p1' given twice"),
+    ([[gens_row("p1"), "", json.dumps(dict(id="p2", prompt="Write.", target_words=100, model="m"))]], "g0.jsonl:3",
+     "missing field 'story'"),
+    ([[gens_row(7), gens_row("7")]], "g0.jsonl:2", "id '7' is str where the ids before are int"),
+    ([[gens_row(7)], [gens_row("7", model="n")]], "g1.jsonl:1", "id '7' is str where the ids before are int"),
+    ([[gens_row("p1")], [gens_row("p1")]], "g0.jsonl and ", "hold one model name, 'm'"),
+])
+def test_generation_files_are_checked(tmp_path, files, where, why):
+    paths = []
+    for k, lines in enumerate(files):
+        paths.append(tmp_path / f"g{k}.jsonl")
+        paths[-1].write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=re.escape(why)) as e:
+        ev.read_gens([str(p) for p in paths])
+    assert f"{tmp_path}/{where}" in str(e.value), str(e.value)
+    p = subprocess.run([sys.executable, "eval.py", "--task=pairwise" if len(paths) > 1 else "--task=score",
+                        f"--gens={','.join(map(str, paths))}", f"--pairs={tmp_path}/p.jsonl", f"--judge_cache="], **SUB)
+    assert p.returncode != 0 and why in p.stderr and "Traceback" not in p.stderr, p.stderr[-1000:]
+
+
+def test_failed_judgements_are_asked_again(tmp_path):
+    from test_judge import FaultServer
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(gens_row("p1") + "\n" + gens_row("p2") + "\n")
+    b.write_text(gens_row("p1", model="n") + "\n" + gens_row("p2", model="n") + "\n")
+    s = FaultServer([("status", 400, {})] * 2)  # the first two requests fail, the rest are answered
+    common = [f"--judge_url={s.url}", "--judge_workers=1", "--judge_cache=", "--judge_reasks=0", f"--pairs={tmp_path}/p.jsonl"]
+    try:
+        first = subprocess.run([sys.executable, "eval.py", "--task=score", f"--gens={a}", *common], **SUB)
+        again = subprocess.run([sys.executable, "eval.py", "--task=score", f"--gens={a}", *common], **SUB)
+        scored = [json.loads(l) for l in open(ev.scores_path(str(a)))]
+        s.script = [("status", 400, {})]
+        pair1 = subprocess.run([sys.executable, "eval.py", "--task=pairwise", f"--gens={a},{b}", *common], **SUB)
+        pair2 = subprocess.run([sys.executable, "eval.py", "--task=pairwise", f"--gens={a},{b}", *common], **SUB)
+        pairs = [json.loads(l) for l in open(tmp_path / "p.jsonl")]
+    finally:
+        s.close()
+    assert "2 failures" in first.stdout and "asking again for 2 failed" in again.stdout, first.stdout + again.stdout
+    assert [(r["id"], r["error"]) for r in scored] == [("p1", None), ("p2", None)], "the failed rows are replaced"
+    assert "asking again for 1 failed" in pair2.stdout, pair1.stdout + pair2.stdout
+    assert sorted(r["id"] for r in pairs) == ["p1", "p2"] and all(r["winner"] for r in pairs), pairs
+
+
+def test_ctrl_c_while_judging_ends_at_once(tmp_path):
+    import signal
+    import time
+    from test_judge import FaultServer
+    g = tmp_path / "g.jsonl"
+    g.write_text("".join(gens_row(f"p{i}", story=f"Once, {i}.") + "\n" for i in range(40)))
+    s = FaultServer(latency=0.5)
+    p = subprocess.Popen([sys.executable, "eval.py", "--task=score", f"--gens={g}", f"--judge_url={s.url}", "--judge_workers=2",
+                          "--judge_cache="], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(s.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=5)
+        n = len(s.requests)
+        time.sleep(1)
+        assert len(s.requests) == n and n < 10, f"no request after the interrupt ({n}, then {len(s.requests)})"
+    finally:
+        p.kill()
+        s.close()
+    assert p.returncode != 0 and "interrupted" in err and "Traceback" not in err, err[-2000:]

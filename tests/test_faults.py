@@ -95,3 +95,20 @@ def test_a_full_disk_in_a_checkpoint_and_in_resume(small_disk):
     os.remove(small_disk / "filler")
     train(run, "--max_steps=4", "--save_interval=1", "--keep_last=1", "--resume=auto", *FAST)  # 16 MB: one at a time
     assert [json.loads(l)["step"] for l in open(run / "metrics.jsonl")] == [0, 1, 2, 3], "then it continues"
+
+
+def test_a_key_in_the_judge_url_works_and_is_never_stored(tmp_path):
+    import torch
+    from local_judge import serve_local
+    server, url = serve_local()
+    secret = "sk-in-the-url-123456"
+    try:
+        p = train(tmp_path, f"--judge_url={url}?key={secret}", "--max_steps=1", *FAST)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "judge_url = " in p.stdout and "?key=***" in p.stdout, "the override line shows the URL, redacted"
+    state = torch.load(tmp_path / "ckpt_000001/state.pt", weights_only=False)
+    assert state["config"]["judge_url"] == f"{url}?key=***", state["config"]["judge_url"]
+    leaks = [f for f in tmp_path.rglob("*") if f.is_file() and secret.encode() in f.read_bytes()]
+    assert secret not in p.stdout + p.stderr and not leaks, f"the key reached {leaks}"

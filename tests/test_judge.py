@@ -2,6 +2,7 @@
 import json
 import math
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +23,10 @@ STORY = json.loads(open("data/sample/train.jsonl").readline())["story"]
 
 class FaultServer:
     """Answers each request with the next scripted action, then with the local judge's reply.
-    Actions: ('status', code, headers), ('sleep', seconds), ('body', raw bytes), ('reply', text)."""
+    Actions: ('status', code, headers), ('sleep', seconds), ('body', raw bytes), ('reply', text),
+    ('completion', {content, usage, finish_reason}: the local reply with these fields replaced),
+    ('raw', bytes written as they are, status line and headers included, then the connection
+    closes), ('trickle', seconds): the local reply, one byte every so many seconds."""
 
     def __init__(self, script=(), latency=0.0, port=0):
         self.script, self.latency = list(script), latency
@@ -33,7 +37,7 @@ class FaultServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with outer.lock:
-                    outer.requests.append(dict(headers=dict(self.headers), body=body))
+                    outer.requests.append(dict(path=self.path, headers=dict(self.headers), body=body))
                     action = outer.script.pop(0) if outer.script else ("reply", None)
                     outer.inflight += 1
                     outer.max_inflight = max(outer.max_inflight, outer.inflight)
@@ -50,11 +54,29 @@ class FaultServer:
                         return self._send(action[1], echo.encode(), action[2])
                     if action[0] == "body":
                         return self._send(200, action[1])
+                    if action[0] == "raw":
+                        self._leave()
+                        self.close_connection = True
+                        return self.wfile.write(action[1])
                     first_user = next(m["content"] for m in body["messages"] if m["role"] == "user")
-                    text = action[1] if action[1] is not None else local_judge.local_reply(first_user)
-                    out = {"choices": [{"message": {"role": "assistant", "content": text}}],
-                           "usage": {"prompt_tokens": 1000, "completion_tokens": 200}}
-                    self._send(200, json.dumps(out).encode())
+                    fields = dict(content=local_judge.local_reply(first_user), finish_reason="stop",
+                                  usage={"prompt_tokens": 1000, "completion_tokens": 200})
+                    if kind == "completion":
+                        fields.update(action[1])
+                    elif kind == "reply" and action[1] is not None:
+                        fields["content"] = action[1]
+                    out = {"choices": [{"message": {"role": "assistant", "content": fields["content"]},
+                                        "finish_reason": fields["finish_reason"]}], "usage": fields["usage"]}
+                    data = json.dumps(out).encode()
+                    if kind != "trickle":
+                        return self._send(200, data)
+                    self._leave()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    for k in range(len(data)):
+                        self.wfile.write(data[k:k + 1])
+                        time.sleep(action[1])
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and left
                 finally:
@@ -122,6 +144,11 @@ def score_one(j, story=STORY):
     ([("body", b"<html>bad gateway</html>")], 2),
     ([("reply", "I would rather not score this story.")], 2),  # re-asked
     ([("reply", "Coherence: 7\nOriginality: 6")], 2),  # partial scores, re-asked
+    ([("raw", b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{\"choices\": [")], 2),  # body cut short
+    ([("raw", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"cho\r\n")], 2),  # no last chunk
+    ([("raw", b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 2\r\n\r\n{}")], 2),  # not gzip
+    ([("body", b"[" * 100_000 + b"]" * 100_000)], 2),  # nested too deep for the JSON parser
+    ([("trickle", 0.05)], 2),  # a valid reply at one byte per 0.05 s would take over a minute
 ])
 def test_faults_end_scored_after_retry(server, script, n_requests):
     s = server(script)
@@ -144,6 +171,8 @@ def test_reask_shows_the_judge_its_reply(server):
     ([("reply", "no scores")] * 10, "unparseable after 3 replies", 3),
     ([("status", 400, {})], "HTTP 400", 1),  # a bad request is not retried
     ([("status", 429, {"Retry-After": "3600"})], "Retry-After 3600", 1),  # never waits an hour silently
+    ([("raw", b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n{")] * 10, "connection error (ProtocolError)", 5),
+    ([("completion", dict(finish_reason="length", content="Analysis: the story"))], "reply cut at judge_max_tokens", 1),
 ])
 def test_unrecoverable_is_nan_with_reason(server, script, reason, n_requests):
     s = server(script)
@@ -343,3 +372,109 @@ def test_cli_score_exits_nonzero_when_nothing_was_scored(server, tmp_path):
                         f"--judge_url={s.url}", "--judge_reasks=0", "--judge_cache="], capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "no story was scored" in p.stderr and "6 x unparseable" in p.stderr, p.stderr[-1000:]
     assert "mean SQ n/a" in p.stdout and "mean SQ 0.0" not in p.stdout, p.stdout[-500:]
+
+
+def test_one_deadline_for_the_whole_reply(server):
+    s = server([("trickle", 0.05)] * 10)
+    t = time.monotonic()
+    res = score_one(make_judge(s.url, timeout=0.5, retries=1))
+    assert "timeout after 0.5 s" in res["error"] and len(s.requests) == 2, f"a trickle is a timeout: {res['error']}"
+    assert time.monotonic() - t < 5, "two attempts of 0.5 s each, not the minute the trickle would take"
+
+
+@pytest.mark.parametrize("script", [
+    [("status", 503, {})] * 2,
+    [("completion", dict(content=None))],
+    [("reply", "no scores here")],
+    [("completion", dict(finish_reason="length"))],
+    [("completion", dict(usage={"prompt_tokens": "1000", "completion_tokens": 200}))],  # scored, but not cached
+])
+def test_a_failure_is_never_cached(server, tmp_path, script):
+    s = server(script)
+    first = score_one(make_judge(s.url, cache_dir=str(tmp_path), retries=1, reasks=0))
+    n = len(s.requests)
+    assert not list(tmp_path.rglob("*.json")), f"nothing cached after {script}: {first['error']}"
+    again = score_one(make_judge(s.url, cache_dir=str(tmp_path)))
+    assert len(s.requests) == n + 1 and again["error"] is None and again["cached"] == 0, \
+        f"the rerun asks the now healthy judge and scores: {again['error']}"
+    assert score_one(make_judge(s.url, cache_dir=str(tmp_path)))["cached"] == 1, "the good reply is cached"
+
+
+@pytest.mark.parametrize("used", [{"prompt_tokens": "1000", "completion_tokens": "200"},
+                                  {"prompt_tokens": float("nan"), "completion_tokens": 200},
+                                  {"prompt_tokens": -5, "completion_tokens": 200}, "many"])
+def test_malformed_usage_is_an_unknown_cost(server, used):
+    s = server([("completion", dict(usage=used))])
+    j = make_judge(s.url, price_in=2.0, price_out=10.0)
+    results, total = j.score([dict(prompt=PROMPT, target_words=300, story=STORY)])
+    j.close()
+    assert results[0]["error"] is None and total["unpriced"] == 1, f"scored, its cost unknown: {results[0]}"
+    assert math.isfinite(total["cost"]) and total["cost"] >= 0 and total["tokens_in"] >= 0, f"no NaN or negative cost: {total}"
+
+
+def test_thinking_in_the_content_is_not_read_as_scores(server):
+    plain = score_one(make_judge(server().url))["scores"]
+    drafts = "\n".join(f"{n}: 3" for n in rubric.NAMES)
+    s = server([("completion", dict(content=f"<think>\nA first pass:\n{drafts}\n</think>\n" + local_judge.local_reply(
+        rubric.judge_messages(PROMPT, 300, STORY)[1]["content"])))])
+    res = score_one(make_judge(s.url))
+    assert res["scores"] == plain and len(s.requests) == 1, f"the drafts are ignored, the answer read: {res['error']}"
+
+
+def test_cancel_drops_queued_work_and_ends_backoff(server):
+    s = server([("status", 503, {})] * 100)
+    j = make_judge(s.url, workers=1, retries=5, backoff=30.0, backoff_max=30.0)
+    futures = [j.submit(PROMPT, 300, f"{STORY} {i}") for i in range(10)]
+    while not s.requests:
+        time.sleep(0.01)
+    t = time.monotonic()
+    j.cancel()
+    res = futures[0].result(timeout=5)
+    assert res["error"] == "cancelled" and time.monotonic() - t < 2, f"the 30 s backoff wait ends at once: {res}"
+    assert all(f.cancelled() for f in futures[1:]) and len(s.requests) == 1, "queued stories are never sent"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cli_score_ends_at_once_when_interrupted(server, tmp_path, sig):
+    rows = [json.loads(l) for l in open("data/sample/heldout.jsonl")]
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(json.dumps(dict(rows[i % 6], id=f"r{i}")) + "\n" for i in range(60)))
+    s = server(latency=1.0)
+    p = subprocess.Popen([sys.executable, "judge.py", "score", f"--data={data}", f"--out={tmp_path}/o.jsonl",
+                          f"--judge_url={s.url}", "--judge_workers=2", "--judge_cache="],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while len(s.requests) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.send_signal(sig)
+    try:
+        out, err = p.communicate(timeout=5)
+    finally:
+        p.kill()
+    n = len(s.requests)
+    time.sleep(1.5)
+    assert p.returncode != 0 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+    assert len(s.requests) == n and n < 10, f"no request after the interrupt ({n}, then {len(s.requests)})"
+    assert not (tmp_path / "o.jsonl").exists(), "no partial output file"
+
+
+def test_key_in_the_url_works_and_is_never_shown(server, tmp_path):
+    s = server([("status", 400, {})] * 6)
+    url = s.url + "?key=SECRET-KEY-123"
+    p = subprocess.run([sys.executable, "judge.py", "score", "--data=data/sample/heldout.jsonl", f"--out={tmp_path}/o.jsonl",
+                        f"--judge_url={url}", "--judge_cache="], capture_output=True, text=True, timeout=120)
+    assert s.requests[0]["path"] == "/v1/chat/completions?key=SECRET-KEY-123", "the key reaches the server in the URL"
+    shown = p.stdout + p.stderr + (tmp_path / "o.jsonl").read_text()
+    assert "SECRET" not in shown and "/v1/chat/completions?key=***" in shown and "key=***" in p.stdout, shown[-2000:]
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning(server, tmp_path, capsys):
+    s = server()
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache's folder should be")  # as a full disk, every write fails
+    j = make_judge(s.url, cache_dir=str(blocked))
+    results, used = j.score([dict(prompt=PROMPT, target_words=300, story=f"{STORY}\n\nVariant {i}.") for i in range(3)])
+    j.close()
+    assert used["failures"] == 0 and all(len(r["scores"]) == 16 for r in results), "the stories are scored"
+    assert capsys.readouterr().err.count("warning: the judge cache cannot be written") == 1, "said once"
+    assert blocked.read_text().startswith("a file"), "nothing overwritten"

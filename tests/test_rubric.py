@@ -82,6 +82,16 @@ def test_parser_accepts_identical_duplicate():
     assert err is None and scores["Originality"] == 6.0, "a repeated line with the same value is harmless"
 
 
+def test_parser_reads_the_answer_after_the_thinking():
+    drafts = "\n".join(f"{n}: 3" for n in rubric.NAMES)
+    scores, err = rubric.parse_scores(f"<think>\nFirst pass:\n{drafts}\n</think>\n{GOOD}")
+    assert err is None and scores == rubric.parse_scores(GOOD)[0], f"draft scores in <think> are ignored: {err}"
+    scores, err = rubric.parse_scores(f"First pass (the template opened the think block):\n{drafts}\n</think>\n{GOOD}")
+    assert err is None and scores["Coherence"] == 7.0, "what precedes a lone </think> is thinking too"
+    scores, err = rubric.parse_scores(f"<think>\nFirst pass:\n{GOOD}")
+    assert scores is None and "missing" in err, "a reply cut while thinking has no answer yet"
+
+
 def test_pairwise_parse():
     reply = "Both are fine.\n" + "\n".join(f"**{c}**: {'A' if i % 2 else 'b'}" for i, c in enumerate(rubric.PAIR_CRITERIA))
     verdict, err = rubric.parse_pairwise(reply)
@@ -163,3 +173,24 @@ def test_sample_data_is_valid():
             assert 150 <= n <= 800, f"{r['id']}: {n} words"
             assert r["prompt"].startswith(f"Write a {r['target_words']}-word story about"), r["id"]
             assert abs(n - r["target_words"]) <= 5, f"{r['id']}: target is the story's own length rounded"
+
+
+def test_target_words_has_an_upper_bound(tmp_path):
+    p = tmp_path / "rows.jsonl"
+    row = dict(id="a", prompt="Write a story.", target_words=rubric.MAX_TARGET_WORDS, story="Fine.")
+    p.write_text(json.dumps(row) + "\n" + json.dumps(dict(row, id="b", target_words=10**9)) + "\n")
+    with pytest.raises(ValueError, match=f"{p}:2: target_words must be a positive integer up to 100000, got 1000000000"):
+        rubric.load_rows(p)
+
+
+def test_text_without_spaces_is_warned_about_once_per_file(tmp_path, capsys):
+    p = tmp_path / "zh.jsonl"
+    rows = [dict(id=i, prompt="Write a story.", target_words=500, story=s) for i, s in enumerate(
+        ["渡船在黎明前离开码头，雾很浓，船夫一句话也没有说。" * 30, "เรือข้ามฟากออกจากท่าก่อนรุ่งสาง หมอกหนามาก" * 20, "The ferry left."])]
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    assert rubric.count_words(rows[0]["story"]) == 1, "the Chinese story is one word to count_words"
+    rubric.load_rows(p)
+    warnings = [l for l in capsys.readouterr().out.splitlines() if "warning" in l]
+    assert len(warnings) == 1 and f"{p}: 2 stories" in warnings[0], f"one warning naming the file: {warnings}"
+    rubric.load_rows("data/sample/train.jsonl")
+    assert "warning" not in capsys.readouterr().out, "English stories are counted by spaces without a warning"
