@@ -74,8 +74,8 @@ if worker.startswith("trl:"):  # the peer: TRL's GRPOTrainer on polaris's tiny m
     import trl
     from transformers import TrainerCallback
     import judge as judge_lib
-    import rollout
-    model, tok = rollout.build_tiny([os.path.join(ROOT, "data/sample/train.jsonl")], seed=1337)
+    import tiny as tiny_model
+    model, tok = tiny_model.build_tiny([os.path.join(ROOT, "data/sample/train.jsonl")], seed=1337)
     data = [json.loads(l) for l in open(os.path.join(ROOT, "data/sample/train.jsonl"))]
     ds = datasets.Dataset.from_list([dict(prompt=[dict(role="user", content=r["prompt"])], target_words=r["target_words"])
                                      for r in data])
@@ -272,9 +272,11 @@ else:
 # -----------------------------------------------------------------------------
 # 6. throughput: batched generation, micro-batch budgets, fp32 accumulation, memory, TRL
 print("6. throughput ...", flush=True)
+import preflight  # noqa: E402
 import rollout  # noqa: E402
+import tiny as tiny_model  # noqa: E402
 from optim import ShardedAdamW  # noqa: E402
-tiny, tok = rollout.build_tiny([os.path.join(ROOT, "data/sample/train.jsonl")], seed=1337)
+tiny, tok = tiny_model.build_tiny([os.path.join(ROOT, "data/sample/train.jsonl")], seed=1337)
 tiny.to(device).eval()
 data = [json.loads(l) for l in open(os.path.join(ROOT, "data/sample/train.jsonl"))]
 prompt = rollout.render_prompt(tok, data[0]["prompt"], False)
@@ -287,26 +289,26 @@ for b in gen_batches:
                   top_k=None, pad_token_id=0)
     t_gen = time.perf_counter() - t
     t = time.perf_counter()
-    rollout.sample(tiny, tok, [prompt], [0], b, never, 96, enable_thinking=False)
+    rollout.sample(tiny, tok, [prompt], [0], n=b, eos=never, max_new_tokens=96, enable_thinking=False)
     t_ours = time.perf_counter() - t
     rows.append((f"tiny generation, batch {b}, 96 new tokens", f"generate {b * 96 / t_gen:.0f} tok/s, "
                  f"rollout.sample {b * 96 / t_ours:.0f} tok/s", "per-row seeds cost" if b == 1 else ""))
 # a tiny step's batch: 10 rollouts of 96 tokens and 2 human references
-seqs = [(prompt, torch.randint(5, len(tok), (96,)).tolist(), [1] * 96) for _ in range(10)]
-seqs += [rollout.reference_tokens(tok, r["prompt"], r["story"], False, rollout.eos_ids(tiny, tok)) for r in data[:2]]
+seqs = [rollout.Story(prompt, torch.randint(5, len(tok), (96,)).tolist(), [1] * 96, text="") for _ in range(10)]
+seqs += [rollout.reference_story(tok, r, False, rollout.eos_ids(tiny, tok)) for r in data[:2]]
 tiny.train()
 opt = ShardedAdamW([p for p in tiny.parameters()])
-n_tokens = sum(len(p) + len(c) for p, c, _ in seqs)
+n_tokens = sum(len(s.prompt_ids) + len(s.completion_ids) for s in seqs)
 for budget in train_budgets:
     t = time.perf_counter()
     for _ in range(2):
-        for mb in rollout.micro_batches([len(p) + len(c) for p, c, _ in seqs], budget):
+        for mb in rollout.micro_batches([len(s.prompt_ids) + len(s.completion_ids) for s in seqs], budget):
             ids, attn, lm = rollout.collate([seqs[i] for i in mb], tok.pad_token_id)
             logp, _ = rollout.token_logprobs(tiny, ids.to(device), attn.to(device), lm.to(device), 1.0, chunk)
             (-(logp * lm.to(device)).sum() / lm.sum()).backward()
         opt.zero_grad()
     secs = (time.perf_counter() - t) / 2
-    n_mb = len(rollout.micro_batches([len(p) + len(c) for p, c, _ in seqs], budget))
+    n_mb = len(rollout.micro_batches([len(s.prompt_ids) + len(s.completion_ids) for s in seqs], budget))
     rows.append((f"tiny train pass, micro_batch_tokens={budget}", f"{n_tokens / secs:.0f} tok/s ({n_mb} micro-batches)",
                  "12 sequences: 10 x 96-token rollouts, 2 references"))
 # 12 micro-batch gradients that share a direction and whose advantages cancel, as a group's do
@@ -330,7 +332,7 @@ from transformers import AutoModelForCausalLM, Qwen3_5TextConfig  # noqa: E402
 with torch.device("meta"):  # the 9B architecture (transformers' defaults), counted without allocating it
     n9 = sum(p.numel() for p in AutoModelForCausalLM.from_config(Qwen3_5TextConfig()).parameters())
 before = n9 * 2 + n9 * 2 + 12 * n9 / 4
-after = rollout.memory_plan(n9, 4, 2, activations=rollout.activation_bytes(Qwen3_5TextConfig(), 9216, chunk, True, 2))
+after = preflight.memory_plan(n9, 4, 2, activations=preflight.activation_bytes(Qwen3_5TextConfig(), 9216, chunk, True, 2))
 rows.append(("9B memory plan per rank, 4 ranks", f"before {before / 1e9:.1f} GB (bf16 weights + bf16 gradient replica + "
              f"AdamW shard); after {sum(after.values()) / 1e9:.1f} GB (" + " + ".join(f"{k} {v / 1e9:.1f}" for k, v in after.items())
              + ")", "A100 80 GB"))

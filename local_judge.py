@@ -140,7 +140,7 @@ def local_reply(text):
         pick = {n: "A" if sa[n] >= sb[n] else "B" for n in rubric.POSITIVE}
         pick["Overall"] = "A" if rubric.story_quality(sa) >= rubric.story_quality(sb) else "B"
         return "Analysis: compared by text statistics (polaris local judge).\n\n" + \
-            "\n".join(f"{n}: {pick[n]}" for n in rubric.PAIR_CRITERIA)
+            "\n".join(f"{n}: {pick[n]}" for n in rubric.POSITIVE + ["Overall"])
     if one is not None and not text.startswith(rubric.JUDGE_OPENING):
         # data/prepare.py's premise request: the story's opening words stand in for a premise
         opening = " ".join(one.split()[:12]).rstrip(".,;:")

@@ -1,21 +1,35 @@
 """
-Everything between the model and the loss, as plain functions: rendering prompts, sampling a
-group, the teacher-forced human reference (HRI), collation, chunked per-token log-probabilities,
-group advantages and the GRPO loss. train.py strings them together; tests check each alone.
+Everything between the model and the loss, as plain functions: a group's stories (sampled, and
+the teacher-forced human reference), collation, chunked per-token log-probabilities, group
+advantages and the GRPO loss. train.py strings them together; tests check each alone.
 
-Conventions: sequences are prompt + completion, right-padded; a (B, T-1) loss mask says which
-next-token predictions are trained. Masks are always built from lengths, never by comparing
-token ids with pad or eos: the pad token may be the eos token.
+Sequences are prompt + completion, right-padded; a (B, T-1) `mask` says which next-token
+predictions are trained. Masks are built from lengths, never from token ids: pad may equal eos.
+The derivations behind the loss and the log-probs are in docs/code.md.
 """
-import json
-import os
-import shutil
+from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
 # -----------------------------------------------------------------------------
-# prompts and the human reference
+# a story of a group
+
+
+@dataclass
+class Story:
+    """One member of a group: a sampled story, or the human reference (is_ref)."""
+    prompt_ids: list
+    completion_ids: list  # through the end-of-turn token, or max_new_tokens long when truncated
+    mask: list  # per completion token: 1 if trained
+    text: str  # what the judge reads: the answer after the thinking
+    is_ref: bool = False
+    thinking: str = ""
+    truncated: bool = False  # hit max_new_tokens
+    in_thinking: bool = False  # ...before the story began: an empty story
+    sample_logp: list = None  # each sampled token's log-prob under the distribution it was drawn from
+    judged: dict = None  # judge.py's result: reward, sq, ratio, scores, error, cost, ...
+    adv: float = 0.0
 
 
 def render_prompt(tok, prompt, enable_thinking):
@@ -33,16 +47,11 @@ def eos_ids(model, tok):
 
 
 def reference_tokens(tok, prompt, story, enable_thinking, eos, mask_think=True):
-    """HRI: the exact tokens the policy would have to emit after its generation prompt to write
-    `story` as its answer, ending with the end-of-turn token, and their loss mask.
-
-    Template-agnostic: render the whole conversation with the story as the assistant's answer,
-    subtract the rendering of the generation prompt (it must be a prefix), and cut after the
-    first end-of-turn token after the story (the model never emits the newline the template
-    puts after it). With thinking on, what comes before the story is an empty thinking block
-    (`\\n</think>\\n\\n` for Qwen). mask_think=True leaves it out of the loss: a human story has no
-    thinking, and training that block with a high advantage would teach the policy to stop
-    thinking. Returns (prompt_ids, answer_ids, mask) with len(mask) == len(answer_ids)."""
+    """HRI: the tokens the policy would emit after its generation prompt to write `story` as its
+    answer, through the end-of-turn token, and their mask. The whole conversation rendered minus
+    the generation prompt's rendering (template-agnostic). With thinking on, an empty thinking
+    block comes first; mask_think leaves it out of the loss, or a high advantage would teach the
+    policy to stop thinking. Returns (prompt_ids, answer_ids, mask)."""
     story = story.strip()  # templates may trim the answer; the human story must be found in it
     user = [dict(role="user", content=prompt)]
     head = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking)
@@ -58,11 +67,17 @@ def reference_tokens(tok, prompt, story, enable_thinking, eos, mask_think=True):
     if at < 0 or not ends:
         raise ValueError("the rendered conversation does not contain the story followed by an end-of-turn token")
     pos, end = min(ends)
-    cut = pos + len(end)
+    cut = pos + len(end)  # the model never emits the newline the template puts after it
     pre = tok(answer[:at], add_special_tokens=False).input_ids
     body = tok(answer[at:cut], add_special_tokens=False).input_ids
     mask = [0 if mask_think else 1] * len(pre) + [1] * len(body)
     return tok(head, add_special_tokens=False).input_ids, pre + body, mask
+
+
+def reference_story(tok, row, enable_thinking, eos, mask_think=True):
+    """The human story of `row` as a member of its group, teacher-forced."""
+    prompt_ids, answer_ids, mask = reference_tokens(tok, row["prompt"], row["story"], enable_thinking, eos, mask_think)
+    return Story(prompt_ids, answer_ids, mask, text=row["story"], is_ref=True)
 
 # -----------------------------------------------------------------------------
 # sampling a group
@@ -105,12 +120,10 @@ def split_thinking(text, enable_thinking, truncated):
 
 class RowSampler(LogitsProcessor):
     """The last logits processor: draws each row's next token from softmax(scores) with the row's
-    own torch.Generator and leaves only that token, which generate(do_sample=False) then picks.
-    The distribution is generate's own (the same processor classes in the same order); what
-    changes is the randomness: a row's tokens depend on its seed alone, not on which rows share
-    the batch, so 1 rank and 4 ranks, or eval in batches of 1 and of 16, sample the same stories.
-    It records each drawn token's log-prob under the distribution it was drawn from (after
-    penalties, temperature, top-k and top-p): the loss's importance weights need it."""
+    own generator and leaves only that token for generate(do_sample=False) to pick. The
+    distribution is generate's own; a row's tokens depend on its seed alone, not on the batch, so
+    1 or 4 ranks sample the same stories. Records each drawn token's log-prob (after penalties,
+    temperature, top-k and top-p) for the loss's importance weights."""
 
     def __init__(self, seeds, device):
         self.gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
@@ -125,11 +138,12 @@ class RowSampler(LogitsProcessor):
 
 class OnFinish(StoppingCriteria):
     """Calls on_done(row, completion_ids) the step a row emits its first eos, so that a finished
-    story can go to the judge while longer ones are still decoding. Stops generation only when
-    should_stop() says so (the run was asked to stop)."""
+    story goes to the judge while longer ones still decode; after each step, on_step(). Stops
+    generation only when should_stop() says so (the run was asked to stop)."""
 
-    def __init__(self, eos, prompt_len, on_done, should_stop=None):
-        self.eos, self.prompt_len, self.on_done, self.should_stop, self.seen = eos, prompt_len, on_done, should_stop, None
+    def __init__(self, eos, prompt_len, on_done, on_step=None, should_stop=None):
+        self.eos, self.prompt_len, self.on_done, self.seen = eos, prompt_len, on_done, None
+        self.on_step, self.should_stop = on_step, should_stop
 
     def __call__(self, input_ids, scores, **kwargs):
         done = torch.isin(input_ids[:, -1], torch.tensor(self.eos, device=input_ids.device))
@@ -138,20 +152,19 @@ class OnFinish(StoppingCriteria):
         for b in (done & ~self.seen).nonzero()[:, 0].tolist():
             self.on_done(b, input_ids[b, self.prompt_len:].tolist())
         self.seen |= done  # rows already finished are padded with pad, which may be an eos id
+        if self.on_step:
+            self.on_step()
         return torch.full_like(done, bool(self.should_stop and self.should_stop()))
 
 
 @torch.no_grad()
 def sample(model, tok, prompts, seeds, n, eos, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-           repetition_penalty=1.0, presence_penalty=0.0, enable_thinking=True, on_done=None, should_stop=None):
-    """n completions of each prompt (token id lists), all in one generate() call: the prompts are
-    left-padded to one length, with the attention mask (Qwen3.5's linear-attention layers honour
-    it). Completion j of prompt i is drawn with seed seeds[i] * 1000 + j. Returns, per prompt, n
-    samples: completion_ids (through the first eos, or max_new_tokens long when truncated),
-    sample_logp (each token's log-prob under the distribution it was drawn from), truncated,
-    thinking, story, in_thinking (truncated before the story began). on_done(i, j, sample) is
-    called the step completion j of prompt i ends, and after generate() for the truncated ones.
-    should_stop() True ends generation early: the unfinished samples come back truncated."""
+           repetition_penalty=1.0, presence_penalty=0.0, enable_thinking=True, on_done=None, on_step=None,
+           should_stop=None):
+    """n Stories for each prompt (token id lists), all in one generate() call over left-padded
+    prompts; story j of prompt i is drawn with seed seeds[i] * 1000 + j. on_done(i, j, story) is
+    called the step it ends (and after generate() for the truncated ones); on_step() after every
+    decoding step; should_stop() True ends generation early, the unfinished stories truncated."""
     check_sampling(repetition_penalty, presence_penalty)
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
     T = max(map(len, prompts))
@@ -163,46 +176,44 @@ def sample(model, tok, prompts, seeds, n, eos, max_new_tokens, temperature=1.0, 
     procs += [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else [])
     procs += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
     sampler = RowSampler([seeds[i] * 1000 + j for i in range(len(prompts)) for j in range(n)], model.device)
-    procs += [sampler]
-    samples = [None] * len(rows)
+    stories = [None] * len(rows)
 
     def finish(b, ids):
         stop = next((i for i, t in enumerate(ids) if t in eos), None)
         ids = ids[: stop + 1] if stop is not None else ids[:max_new_tokens]
         text = tok.decode(ids[:-1] if stop is not None else ids, skip_special_tokens=False)
         thinking, story, in_thinking = split_thinking(text, enable_thinking, stop is None)
-        samples[b] = dict(completion_ids=ids, truncated=stop is None, thinking=thinking, story=story,
-                          in_thinking=in_thinking, sample_logp=torch.stack(sampler.logps[:len(ids)])[:, b].tolist())
+        stories[b] = Story(rows[b], ids, [1] * len(ids), text=story, thinking=thinking, truncated=stop is None,
+                           in_thinking=in_thinking, sample_logp=torch.stack(sampler.logps[:len(ids)])[:, b].tolist())
         if on_done:
-            on_done(b // n, b % n, samples[b])
+            on_done(b // n, b % n, stories[b])
 
     out = model.generate(input_ids=x, attention_mask=attn, do_sample=False, max_new_tokens=max_new_tokens,
-                         repetition_penalty=repetition_penalty, logits_processor=procs, eos_token_id=eos,
-                         pad_token_id=tok.pad_token_id, stopping_criteria=[OnFinish(eos, T, finish, should_stop)])
+                         repetition_penalty=repetition_penalty, logits_processor=procs + [sampler], eos_token_id=eos,
+                         pad_token_id=tok.pad_token_id,
+                         stopping_criteria=[OnFinish(eos, T, finish, on_step=on_step, should_stop=should_stop)])
     for b, row in enumerate(out[:, T:].tolist()):
-        if samples[b] is None:  # truncated at max_new_tokens
+        if stories[b] is None:  # truncated at max_new_tokens
             finish(b, row)
-    return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
-
+    return [stories[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 # -----------------------------------------------------------------------------
 # collation and log-probabilities
 
 
-def collate(seqs, pad_id):
-    """seqs: [(prompt_ids, completion_ids, completion_mask)] -> input_ids, attention_mask (B, T)
-    and loss_mask (B, T-1) over next-token targets: 1 where completion_mask is 1."""
-    T = max(len(p) + len(c) for p, c, _ in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(seqs), T, dtype=torch.long)
-    loss_mask = torch.zeros(len(seqs), T - 1)
-    for b, (p, c, m) in enumerate(seqs):
-        n = len(p) + len(c)
-        ids[b, :n] = torch.tensor(p + c)
+def collate(stories, pad_id):
+    """Stories -> input_ids, attention_mask (B, T) and mask (B, T-1) over next-token targets:
+    1 where the story's completion mask is 1."""
+    T = max(len(s.prompt_ids) + len(s.completion_ids) for s in stories)
+    ids = torch.full((len(stories), T), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(stories), T, dtype=torch.long)
+    mask = torch.zeros(len(stories), T - 1)
+    for b, s in enumerate(stories):
+        p, n = len(s.prompt_ids), len(s.prompt_ids) + len(s.completion_ids)
+        ids[b, :n] = torch.tensor(s.prompt_ids + s.completion_ids)
         attn[b, :n] = 1
-        # target at position t is ids[t + 1]: completion token j sits at len(p) + j
-        loss_mask[b, len(p) - 1: n - 1] = torch.tensor(m, dtype=torch.float)
-    return ids, attn, loss_mask
+        mask[b, p - 1: n - 1] = torch.tensor(s.mask, dtype=torch.float)  # the target at t is ids[t + 1]
+    return ids, attn, mask
 
 
 def _softmax_(x):
@@ -214,16 +225,9 @@ def _softmax_(x):
 
 
 class ChunkedLogProb(torch.autograd.Function):
-    """log softmax(h @ W.T / T)[target] for N rows, chunk rows at a time, recomputing the
-    logits in backward: peak extra memory is one chunk x V float buffer instead of several
-    N x V ones (at 8,192 tokens and V = 248,320 the full logits alone are 8 GB in fp32, and
-    log_softmax, its backward and the gradient each add as much). Also returns each row's
-    entropy -sum(p log p) at the same temperature, a metric without gradient.
-
-    The gradient, for z = h @ W.T / T, p = softmax(z) and logp = z[target] - logsumexp(z):
-        d logp / d z = onehot(target) - p                     (c, V), built in place over p
-        d logp / d h = (onehot - p) @ W / T,   d logp / d W = (onehot - p).T @ h / T
-    each row scaled by the incoming gradient g, and the chunks' W-gradients summed."""
+    """log softmax(h @ W.T / T)[target] for N rows, `chunk` rows at a time, the logits recomputed
+    in backward: one chunk x V buffer instead of several N x V ones (8 GB each at 8k tokens and
+    Qwen's vocabulary). Also each row's entropy, without gradient. docs/code.md derives backward."""
 
     @staticmethod
     def forward(ctx, h, W, targets, temperature, chunk):  # h (N, H), W (V, H), targets (N,)
@@ -259,21 +263,15 @@ class ChunkedLogProb(torch.autograd.Function):
         return gh, gW, None, None, None
 
 
-def token_logprobs(model, input_ids, attention_mask, loss_mask, temperature=1.0, chunk=1024):
-    """(B, T-1) log-probabilities of each next token, and the entropy of each next-token
-    distribution, computed only where loss_mask is set (zeros elsewhere).
-
-    At the sampling temperature: the stories were drawn from softmax(logits / T), so that is the
-    policy whose log-probs the policy gradient needs (TRL does the same); at T = 0.6 the untempered
-    log-probs would describe a different, flatter policy than the one that acted.
-    Through model.model and the LM head's weight, not model(...): the model's own forward would
-    build the full (B, T, V) logits; the body's last hidden states and get_output_embeddings()
-    (lm_head, or the input embedding when they are tied) let ChunkedLogProb do it chunk by chunk."""
+def token_logprobs(model, input_ids, attention_mask, mask, temperature=1.0, chunk=1024):
+    """(B, T-1) log-probs of each next token and entropies of each next-token distribution, where
+    mask is set (zeros elsewhere), at the sampling temperature: the policy that acted. Through
+    model.model and the LM head's weight, so that the full (B, T, V) logits are never built."""
     h = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-    sel = loss_mask.bool()
+    sel = mask.bool()
     logp, ent = ChunkedLogProb.apply(h[:, :-1][sel], model.get_output_embeddings().weight,
                                      input_ids[:, 1:][sel], temperature, chunk)
-    zeros = torch.zeros(loss_mask.shape, device=h.device, dtype=torch.float32)
+    zeros = torch.zeros(mask.shape, device=h.device, dtype=torch.float32)
     return zeros.masked_scatter(sel, logp), zeros.masked_scatter(sel, ent)
 
 # -----------------------------------------------------------------------------
@@ -281,10 +279,9 @@ def token_logprobs(model, input_ids, attention_mask, loss_mask, temperature=1.0,
 
 
 def group_advantages(R, scale_rewards="group", eps=1e-4):
-    """R (G,) rewards of one group, reference included -> advantages (G,).
-    NaN rewards (the judge failed) are left out of the mean and std and get advantage 0.
-    scale_rewards='group': (R - mean) / (std + eps); 'none': R - mean (Dr. GRPO).
-    Returns (A, zero_std) where zero_std says the group carries no signal."""
+    """R (G,) rewards of one group, reference included -> (A (G,), zero_std). NaN rewards (the judge
+    failed) are left out of the mean and std and get A = 0. scale_rewards='group':
+    (R - mean) / (std + eps); 'none': R - mean (Dr. GRPO). zero_std: the group carries no signal."""
     ok = ~torch.isnan(R)
     A = torch.zeros_like(R)
     if ok.sum() < 2:
@@ -294,45 +291,28 @@ def group_advantages(R, scale_rewards="group", eps=1e-4):
     A[ok] = r - r.mean()
     if scale_rewards == "group":
         A[ok] = A[ok] / (std + eps)
-    return A, bool(std < 1e-8)
+    return A, bool(std < eps)
 
 
-def grpo_loss(logp, old_logp, adv, mask, loss_norm, denom, eps_low=0.2, eps_high=0.28, ref_logp=None, kl_coef=0.0,
-              shaped=None, gamma=0.0, is_weight=None):
-    """The clipped policy-gradient loss of one micro-batch, per sequence: (B,), summed by the
-    caller, so that the sampled stories' part and the references' part can be told apart.
-    logp, old_logp, mask (B, T); adv (B,).
-
-    On-policy with one update per batch, old_logp = logp.detach(): the ratio is exactly 1,
-    clipping never acts and the gradient is -A * grad(log p). `denom` is global, counted over
-    every rank and micro-batch, so that summing micro-batches and all-reducing gradients gives
-    exactly the batch loss. loss_norm decides how much a sequence counts:
-      'token'    -> sum over all tokens / total trained tokens: every token counts alike, so a
-                    long story weighs more (DAPO, Yu et al. 2025; TRL's default);
-      'seq'      -> each sequence's mean over its tokens, / number of sequences: every story
-                    counts alike, so each token of a long story counts less (the original GRPO,
-                    Shao et al. 2024; Dr. GRPO showed this biases towards long wrong answers);
-      'constant' -> sum over all tokens / (sequences x max_new_tokens): no length normalisation
-                    at all (Dr. GRPO, Liu et al. 2025).
-
-    shaped (B,) bool and gamma > 0: LUFFY's policy shaping for the teacher-forced references:
-    their tokens' term is -A * f(p) with f(p) = p / (p + gamma), p = exp(logp), in place of the
-    ratio. Its gradient is -A * gamma / (p + gamma)^2 * grad p = -A * [gamma p / (p + gamma)^2]
-    * grad log p: tokens the policy already finds likely (p >> gamma) are damped, so the human
-    story no longer dominates by imitation, and the weight stays bounded as p -> 0.
-
-    is_weight (B, T), detached: each token's truncated importance weight min(pi_old / pi_sample,
-    tis_cap) for the sampler's mismatch (penalties, top-k, top-p), 1 where it does not apply."""
+def grpo_loss(logp, old_logp, adv, mask, loss_norm, denom, clip_low=0.2, clip_high=0.28, kl_logp=None, kl_coef=0.0,
+              is_ref=None, gamma=0.0, is_weight=None):
+    """The clipped policy-gradient loss of one micro-batch per sequence, (B,): logp, old_logp,
+    mask (B, T); adv (B,). On-policy (old_logp = logp.detach()) the ratio is 1 and the gradient
+    -A grad log p. `denom` is counted over every rank and micro-batch, so the sums add up to the
+    batch loss: loss_norm 'token' (DAPO), 'seq' (GRPO) or 'constant' (Dr. GRPO) decides what it is.
+    is_weight (B, T): the truncated importance weights of sampled tokens (1 elsewhere). gamma > 0:
+    the references' (is_ref) tokens take LUFFY's -A p / (p + gamma) in place of the ratio. kl_logp:
+    the frozen initial policy's log-probs, for a k3 KL term."""
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
-    per_tok = -torch.min(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
+    per_tok = -torch.min(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)
     if is_weight is not None:
         per_tok = per_tok * is_weight
-    if gamma and shaped is not None and shaped.any():
+    if gamma and is_ref is not None and is_ref.any():
         p = torch.exp(logp)
-        per_tok = torch.where(shaped[:, None], -a * p / (p + gamma), per_tok)
+        per_tok = torch.where(is_ref[:, None], -a * p / (p + gamma), per_tok)
     if kl_coef:
-        d = ref_logp - logp  # k3 estimator of KL(pi || pi_ref), always >= 0
+        d = kl_logp - logp  # k3 estimator of KL(pi || pi_init), always >= 0
         per_tok = per_tok + kl_coef * (torch.exp(d) - d - 1)
     per_seq = (per_tok * mask).sum(1)
     if loss_norm == "seq":
@@ -340,14 +320,9 @@ def grpo_loss(logp, old_logp, adv, mask, loss_norm, denom, eps_low=0.2, eps_high
     return per_seq / denom
 
 
-# -----------------------------------------------------------------------------
-# memory plan and the tiny model
-
-
 def micro_batches(lengths, budget):
-    """Indices of sequences grouped into micro-batches: sorted by length, each micro-batch as
-    many as fit in `budget` tokens counting padding (count x longest); a sequence longer than the
-    budget goes alone. Similar lengths together waste little padding."""
+    """Indices grouped into micro-batches of at most `budget` padded tokens (count x longest),
+    sorted by length so that little is padding; a sequence longer than the budget goes alone."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     out = [[]]
     for i in order:
@@ -355,164 +330,3 @@ def micro_batches(lengths, budget):
             out.append([])
         out[-1].append(i)
     return out
-
-
-def activation_bytes(config, tokens, logprob_chunk, checkpointing, param_bytes):
-    """A rough peak for one micro-batch of `tokens` padded tokens: with checkpointing each layer
-    keeps only its input (hidden x param_bytes a token) and one layer at a time is recomputed
-    (~34 x hidden bytes a token, Korthikanti et al. 2022); without, every layer keeps its ~34 x
-    hidden. Plus the chunked log-prob buffer and its gradient (2 x chunk x vocab x 4 bytes)."""
-    c = config.get_text_config()
-    per_token = (c.num_hidden_layers * c.hidden_size * param_bytes + 34 * c.hidden_size if checkpointing
-                 else c.num_hidden_layers * 34 * c.hidden_size)
-    return tokens * per_token + 2 * logprob_chunk * c.vocab_size * 4
-
-
-def memory_plan(n_params, world_size, param_bytes, n_trainable=None, activations=0):
-    """Per-GPU bytes with optim.ShardedAdamW: weights replicated; the fp32 gradient sum (4 bytes)
-    and AdamW's fp32 master weights and two moments (12 bytes) of the trainable parameters split
-    over the ranks. Frozen parameters (the 9B's vision tower) count as weights only. Then one
-    micro-batch's activations (activation_bytes). The bf16 gradients of the layer backward is
-    working on come on top, freed as soon as they reach their owner."""
-    n_trainable = n_params if n_trainable is None else n_trainable
-    return dict(weights=n_params * param_bytes, grads=4 * n_trainable / world_size,
-                optimizer=12 * n_trainable / world_size, activations=activations)
-
-
-# -----------------------------------------------------------------------------
-# the policy's class and checkpoints in the base's own format
-
-# the model card's sampling for long stories, written into every checkpoint's generation_config
-CARD_SAMPLING = dict(do_sample=True, temperature=0.6, top_p=0.95, top_k=20)
-
-
-def policy_class(config):
-    """The class the checkpoint names. The hub's Qwen3.5-9B is Qwen3_5ForConditionalGeneration
-    (a vision-language model): loading it as such keeps every tensor name of the base, so that
-    checkpoints are written in exactly its format; freeze_vision keeps its vision tower out of
-    training. A config that names no class (a bare text config) gets its causal-LM class."""
-    import transformers
-    arch = (getattr(config, "architectures", None) or [""])[0]
-    return getattr(transformers, arch, None) or transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-
-
-def freeze_vision(model):
-    """Stories are text: the vision tower gets no gradients and no optimizer state."""
-    visual = getattr(getattr(model, "model", None), "visual", None)
-    if visual is not None:
-        visual.requires_grad_(False)
-
-
-def save_like_base(model, base_dir, out_dir):
-    """Write `model` in the exact format of the checkpoint folder `base_dir`: every file of the
-    base is copied, and in its safetensors shards each trained tensor is swapped in, cast to the
-    base's dtype. Everything else (the frozen vision tower, the mtp head that transformers skips
-    on load) stays byte for byte the base's, with the same names, shapes, shards and index, so a
-    checkpoint loads and serves exactly like the base. Its generation_config samples with the
-    model card's settings: servers that read it (transformers serve) decode greedily otherwise."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    placed = set()
-    os.makedirs(out_dir, exist_ok=True)
-    for f in sorted(os.listdir(base_dir)):
-        src, dst = os.path.join(base_dir, f), os.path.join(out_dir, f)
-        if not os.path.isfile(src) or f == "state.pt" or f.startswith("optim_rank"):
-            continue  # a resumed base's training state is not part of the model
-        if not f.endswith(".safetensors"):
-            shutil.copy(src, dst)  # config, index, tokenizer, chat template, processor configs, ...
-            continue
-        tensors = {}
-        with safe_open(src, "pt") as sf:
-            for k in sf.keys():
-                t = sf.get_tensor(k)
-                # a text-only class names 'model.language_model.X' of the hub's files 'model.X'
-                name = next((n for n in (k, k.replace("model.language_model.", "model.", 1)) if n in trained), None)
-                if name:
-                    t = trained[name].detach().to("cpu", t.dtype).clone()
-                    placed.add(name)
-                tensors[k] = t
-            save_file(tensors, dst, metadata=sf.metadata())
-    if set(trained) - placed:
-        raise RuntimeError(f"{base_dir} has no tensor for {sorted(set(trained) - placed)[:3]}: not the base of this model")
-    path = os.path.join(out_dir, "generation_config.json")
-    gen = json.load(open(path)) if os.path.exists(path) else {}
-    with open(path, "w") as fh:
-        json.dump(dict(gen, **CARD_SAMPLING), fh, indent=2)
-
-
-def damaged_checkpoint(path):
-    """Why the checkpoint folder `path` cannot be resumed from, or '' when it is complete: its
-    state.pt must load and list every file with its size (a cut write leaves a shorter file)."""
-    try:
-        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
-    except Exception as e:  # noqa: BLE001 -- missing, truncated or not ours: each says why
-        return f"{os.path.join(path, 'state.pt')} cannot be read ({type(e).__name__}: {str(e)[:200]})"
-    for f, size in state.get("files", {}).items():  # checkpoints written before the list was kept: not checked
-        p = os.path.join(path, f)
-        if not os.path.exists(p):
-            return f"{p} is missing"
-        if os.path.getsize(p) != size:
-            return f"{p} is truncated or changed ({os.path.getsize(p):,} bytes, written as {size:,})"
-    return ""
-
-
-# Qwen3.5's chat format, as its published template renders a conversation: a user turn; an
-# assistant turn after the last user turn with its thinking block (empty when there was none;
-# text before </think> in the content is moved into it); the generation prompt, which ends in
-# '<think>\n' with thinking on and in an empty, closed block with thinking off.
-CHAT_TEMPLATE = """{%- set ns = namespace(last_user=-1) %}
-{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}
-{%- for m in messages %}
-{%- if m.role == 'assistant' %}
-{%- set content = m.content %}
-{%- set reasoning = m.reasoning_content if m.reasoning_content is string else '' %}
-{%- if m.reasoning_content is not string and '</think>' in content %}
-{%- set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
-{%- set content = content.split('</think>')[-1].lstrip('\n') %}
-{%- endif %}
-{%- if loop.index0 > ns.last_user %}
-{{- '<|im_start|>assistant\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
-{%- else %}
-{{- '<|im_start|>assistant\n' + content }}
-{%- endif %}
-{{- '<|im_end|>\n' }}
-{%- else %}
-{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}
-{%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-{{- '<|im_start|>assistant\n' }}
-{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}
-{%- else %}{{- '<think>\n' }}{%- endif %}
-{%- endif %}"""
-
-
-def build_tiny(data_files, vocab_size=1024, hidden=64, layers=4, seed=0):
-    """A tiny Qwen3.5-architecture model (3 linear-attention layers to 1 full-attention layer,
-    like the 9B) with random weights, and a byte-level BPE tokenizer trained on the project's
-    own text with a Qwen-style chat template. Nothing is downloaded."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3_5TextConfig
-    texts = []
-    for path in data_files:
-        for line in open(path, encoding="utf-8"):
-            row = json.loads(line)
-            texts += [row["prompt"], row["story"]]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = CHAT_TEMPLATE
-    heads = max(1, hidden // 16)
-    config = Qwen3_5TextConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=16,
-        linear_num_key_heads=max(1, heads // 2), linear_num_value_heads=heads, linear_key_head_dim=16,
-        linear_value_head_dim=16, max_position_embeddings=8192, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32), tok

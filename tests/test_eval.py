@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import eval as ev
-import rollout
+import preflight
+import tiny
 from local_judge import serve_local
 
 SUB = dict(capture_output=True, text=True, timeout=300)
@@ -93,7 +94,7 @@ def tiny_models(tmp_path_factory):
     """Two tiny checkpoints with different random weights, as a base and a 'trained' model."""
     root = tmp_path_factory.mktemp("models")
     for name, seed in (("base", 0), ("other", 1)):
-        model, tok = rollout.build_tiny(["data/sample/train.jsonl"], seed=seed)
+        model, tok = tiny.build_tiny(["data/sample/train.jsonl"], seed=seed)
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
     return root
@@ -181,7 +182,7 @@ def test_prepare_builds_training_data(tmp_path):
         assert r["story"] == original["story"], "whitespace normalised back to the original paragraphs"
         assert r["target_words"] % 100 == 0 and r["prompt"].startswith(f"Write a {r['target_words']}-word story about ")
     import rubric
-    rubric.load_rows(out / "train.jsonl")  # train.py's loader accepts it
+    preflight.load_rows(out / "train.jsonl")  # train.py's loader accepts it
     p2 = subprocess.run([sys.executable, "data/prepare.py", f"--src={src}", f"--out_dir={tmp_path}/again",
                          "--heldout_percent=25", f"--judge_cache={tmp_path}/cache"], **SUB)
     assert p2.returncode == 0, p2.stderr

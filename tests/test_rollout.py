@@ -3,14 +3,16 @@ import math
 import pytest
 import torch
 
+import preflight
 import rollout
+import tiny as tiny_model
 
 DATA = ["data/sample/train.jsonl", "data/sample/heldout.jsonl"]
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tok = rollout.build_tiny(DATA, seed=0)
+    model, tok = tiny_model.build_tiny(DATA, seed=0)
     return model, tok
 
 
@@ -26,6 +28,10 @@ def test_group_advantages_hand_computed():
         "a NaN reward is left out of mean and std and gets advantage 0"
     A, flat = rollout.group_advantages(torch.tensor([5.0, 5.0, 5.0]))
     assert flat and torch.all(A == 0), "a zero-std group carries no signal"
+
+
+def story(prompt_ids, completion_ids):
+    return rollout.Story(prompt_ids, completion_ids, [1] * len(completion_ids), text="")
 
 
 def _batch():
@@ -52,7 +58,7 @@ def test_policy_shaping_gradient_matches_luffy():
     logp, mask, adv = _batch()
     logp = (logp.detach() - 2).requires_grad_()  # p = exp(logp) spread over (0, 1)
     shaped, gamma = torch.tensor([False, True, True]), 0.1
-    per_seq = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0, shaped=shaped, gamma=gamma)
+    per_seq = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0, is_ref=shaped, gamma=gamma)
     per_seq.sum().backward()
     p = logp.detach().exp()
     expect = -adv[:, None] * mask / 9.0  # -A * grad log p for the sampled story
@@ -68,15 +74,15 @@ def test_clipping_acts_only_off_policy():
     old = logp.detach() - 0.5  # ratio e^0.5 = 1.65 > 1 + 0.28 for every token
     loss = rollout.grpo_loss(logp, old, adv, mask, "token", 9.0, 0.2, 0.28).sum()
     loss.backward()
-    assert torch.all(logp.grad[adv > 0] == 0), "positive advantage past 1 + epsilon_high: clipped, no gradient"
+    assert torch.all(logp.grad[adv > 0] == 0), "positive advantage past 1 + clip_high: clipped, no gradient"
     assert torch.all(logp.grad[1][mask[1] > 0] != 0), "negative advantage is not clipped above"
 
 
 def test_kl_term_is_zero_at_the_reference_and_positive_elsewhere():
     logp, mask, adv = _batch()
     base = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0).sum()
-    same = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0, ref_logp=logp.detach(), kl_coef=0.1).sum()
-    moved = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0, ref_logp=logp.detach() - 1, kl_coef=0.1).sum()
+    same = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0, kl_logp=logp.detach(), kl_coef=0.1).sum()
+    moved = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0, kl_logp=logp.detach() - 1, kl_coef=0.1).sum()
     assert torch.allclose(base, same) and moved > base, "k3 KL: 0 at the reference, positive away from it"
 
 
@@ -101,7 +107,7 @@ def test_token_logprobs_on_the_model_and_padding_invariance(tiny):
     model, tok = tiny
     torch.manual_seed(1)
     a, b = torch.randint(5, len(tok), (23,)).tolist(), torch.randint(5, len(tok), (40,)).tolist()
-    ids, attn, lm = rollout.collate([(a[:5], a[5:], [1] * 18), (b[:5], b[5:], [1] * 35)], tok.pad_token_id)
+    ids, attn, lm = rollout.collate([story(a[:5], a[5:]), story(b[:5], b[5:])], tok.pad_token_id)
     lp, _ = rollout.token_logprobs(model, ids, attn, lm, temperature=0.8, chunk=7)
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / 0.8
     naive = logits.log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0] * lm
@@ -109,7 +115,7 @@ def test_token_logprobs_on_the_model_and_padding_invariance(tiny):
     g1 = torch.autograd.grad(lp.sum(), model.lm_head.weight, retain_graph=True)[0]
     g2 = torch.autograd.grad(naive.sum(), model.lm_head.weight)[0]
     assert torch.allclose(g1, g2, atol=1e-5), "LM-head gradients differ"
-    ids1, attn1, lm1 = rollout.collate([(a[:5], a[5:], [1] * 18)], tok.pad_token_id)
+    ids1, attn1, lm1 = rollout.collate([story(a[:5], a[5:])], tok.pad_token_id)
     alone = rollout.token_logprobs(model, ids1, attn1, lm1)[0]
     batched = rollout.token_logprobs(model, ids, attn, lm)[0][:1, : alone.shape[1]]
     assert torch.allclose(alone, batched, atol=1e-5), "right padding changed a sequence's log-probs"
@@ -151,16 +157,18 @@ def test_presence_penalty_and_both_penalties():
 def test_sample_stops_at_eos_and_marks_truncation(tiny):
     model, tok = tiny
     prompt_ids = rollout.render_prompt(tok, "Write a story.", False)
-    [samples] = rollout.sample(model, tok, [prompt_ids], [0], 4, list(range(8, len(tok), 2)), 16, enable_thinking=False)
+    [samples] = rollout.sample(model, tok, [prompt_ids], [0], n=4, eos=list(range(8, len(tok), 2)), max_new_tokens=16,
+                                enable_thinking=False)
     for s in samples:  # half the vocabulary ends generation: every sample stops within a few tokens
-        ids = s["completion_ids"]
-        assert not s["truncated"] and ids[-1] % 2 == 0 and ids[-1] >= 8, "ends with the eos it stopped at"
+        ids = s.completion_ids
+        assert not s.truncated and ids[-1] % 2 == 0 and ids[-1] >= 8, "ends with the eos it stopped at"
         assert not any(t >= 8 and t % 2 == 0 for t in ids[:-1]), "nothing after the first eos"
-    [samples] = rollout.sample(model, tok, [prompt_ids], [0], 3, [tok.eos_token_id], 12, enable_thinking=True)
+    [samples] = rollout.sample(model, tok, [prompt_ids], [0], n=3, eos=[tok.eos_token_id], max_new_tokens=12,
+                                enable_thinking=True)
     for s in samples:
-        assert s["truncated"] == (tok.eos_token_id not in s["completion_ids"]) and len(s["completion_ids"]) <= 12
-        if s["truncated"] and "</think>" not in tok.decode(s["completion_ids"]):
-            assert s["story"] == "" and s["in_thinking"], "truncated while thinking: empty story"
+        assert s.truncated == (tok.eos_token_id not in s.completion_ids) and len(s.completion_ids) <= 12
+        if s.truncated and "</think>" not in tok.decode(s.completion_ids):
+            assert s.text == "" and s.in_thinking, "truncated while thinking: empty story"
 
 
 def test_a_batch_samples_each_prompt_as_alone_and_reports_each_end(tiny):
@@ -169,12 +177,14 @@ def test_a_batch_samples_each_prompt_as_alone_and_reports_each_end(tiny):
     assert len(prompts[0]) != len(prompts[1]), "prompts of different lengths: the short one is left-padded"
     eos = list(range(8, len(tok), 7))  # one token in seven ends a story: stories of many lengths
     ended = []
-    batch = rollout.sample(model, tok, prompts, [11, 12], 3, eos, 30, 0.9, 0.95, 50, on_done=lambda i, j, s: ended.append((i, j)))
-    alone = [rollout.sample(model, tok, [p], [sd], 3, eos, 30, 0.9, 0.95, 50)[0] for p, sd in zip(prompts, (11, 12))]
-    ids = lambda groups: [[s["completion_ids"] for s in g] for g in groups]
+    batch = rollout.sample(model, tok, prompts, [11, 12], n=3, eos=eos, max_new_tokens=30, temperature=0.9, top_p=0.95,
+                           top_k=50, on_done=lambda i, j, s: ended.append((i, j)))
+    alone = [rollout.sample(model, tok, [p], [sd], n=3, eos=eos, max_new_tokens=30, temperature=0.9, top_p=0.95,
+                            top_k=50)[0] for p, sd in zip(prompts, (11, 12))]
+    ids = lambda groups: [[s.completion_ids for s in g] for g in groups]
     assert ids(batch) == ids(alone), "a story depends on its prompt and seed, not on the batch around it"
     assert sorted(ended) == [(i, j) for i in range(2) for j in range(3)], "every story reported once when it ends"
-    assert len({len(s["completion_ids"]) for g in batch for s in g}) > 1, "of different lengths"
+    assert len({len(s.completion_ids) for g in batch for s in g}) > 1, "of different lengths"
 
 
 def test_row_sampler_draws_from_generates_distribution(tiny):
@@ -198,7 +208,7 @@ def test_row_sampler_draws_from_generates_distribution(tiny):
         drop = order[s.cumsum(0) - s > 0.9]  # top-p keeps the smallest set whose mass reaches 0.9
         q[drop] = 0
         return q / q.sum()
-    [ours] = rollout.sample(model, tok, [p], [5], n, [0], 1, T, 0.9, 4)
+    [ours] = rollout.sample(model, tok, [p], [5], n=n, eos=[0], max_new_tokens=1, temperature=T, top_p=0.9, top_k=4)
     x = torch.tensor([p] * n)
     torch.manual_seed(5)
     ref = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, max_new_tokens=1,
@@ -208,7 +218,7 @@ def test_row_sampler_draws_from_generates_distribution(tiny):
     q = exact(T)
     assert tv(exact(1.5), q) > 0.1, "the test can tell temperature 0.7 from 1.5"
     assert tv(emp(ref), q) < 0.06, f"generate vs the exact distribution: {tv(emp(ref), q):.3f}"
-    assert tv(emp([s["completion_ids"][0] for s in ours]), q) < 0.06, "our sampler vs the exact distribution"
+    assert tv(emp([s.completion_ids[0] for s in ours]), q) < 0.06, "our sampler vs the exact distribution"
 
 
 def test_sampled_tokens_carry_their_log_prob_under_the_sampling_distribution(tiny):
@@ -217,17 +227,18 @@ def test_sampled_tokens_carry_their_log_prob_under_the_sampling_distribution(tin
     eos = [tok.eos_token_id]
 
     def policy(samples, T):  # the raw policy's log-probs of the sampled tokens at temperature T, as the loss sees them
-        ids, attn, mask = rollout.collate([(p, s["completion_ids"], [1] * len(s["completion_ids"])) for s in samples],
+        ids, attn, mask = rollout.collate([story(p, s.completion_ids) for s in samples],
                                           tok.pad_token_id)
         with torch.no_grad():
             logp = rollout.token_logprobs(model, ids, attn, mask, T)[0]
-        return [logp[b, len(p) - 1:len(p) - 1 + len(s["completion_ids"])] for b, s in enumerate(samples)]
-    [plain] = rollout.sample(model, tok, [p], [3], 3, eos, 12, temperature=0.7)
+        return [logp[b, len(p) - 1:len(p) - 1 + len(s.completion_ids)] for b, s in enumerate(samples)]
+    [plain] = rollout.sample(model, tok, [p], [3], n=3, eos=eos, max_new_tokens=12, temperature=0.7)
     for s, lp in zip(plain, policy(plain, 0.7)):
-        assert len(s["sample_logp"]) == len(s["completion_ids"]), "one log-prob per sampled token"
-        assert torch.allclose(torch.tensor(s["sample_logp"]), lp, atol=1e-4), "plain sampling: the policy's own"
-    [cut] = rollout.sample(model, tok, [p], [3], 3, eos, 12, temperature=0.7, top_k=20, presence_penalty=1.0)
-    gaps = torch.cat([torch.tensor(s["sample_logp"]) - lp for s, lp in zip(cut, policy(cut, 0.7))])
+        assert len(s.sample_logp) == len(s.completion_ids), "one log-prob per sampled token"
+        assert torch.allclose(torch.tensor(s.sample_logp), lp, atol=1e-4), "plain sampling: the policy's own"
+    [cut] = rollout.sample(model, tok, [p], [3], n=3, eos=eos, max_new_tokens=12, temperature=0.7, top_k=20,
+                           presence_penalty=1.0)
+    gaps = torch.cat([torch.tensor(s.sample_logp) - lp for s, lp in zip(cut, policy(cut, 0.7))])
     assert gaps.abs().max() > 0.1, "top-k and the penalty change the distribution the tokens were drawn from"
 
 
@@ -248,9 +259,9 @@ def test_micro_batches_by_token_budget():
 
 
 def test_memory_plan_for_the_paper_run():
-    plan = rollout.memory_plan(9e9, 4, 2)
+    plan = preflight.memory_plan(9e9, 4, 2)
     assert plan["weights"] == 18e9 and plan["grads"] == 9e9 and plan["optimizer"] == 27e9, \
         "bf16 weights 18 GB + a quarter of the fp32 gradient sum 9 GB + a quarter of 9B x 12 bytes"
-    frozen = rollout.memory_plan(9.4e9, 4, 2, n_trainable=9e9)
+    frozen = preflight.memory_plan(9.4e9, 4, 2, n_trainable=9e9)
     assert frozen["weights"] == 18.8e9 and frozen["grads"] == 9e9 and frozen["optimizer"] == 27e9, \
         "a frozen vision tower counts as weights only"

@@ -30,7 +30,8 @@ def weights(ckpt):
 
 def test_two_steps_write_a_loadable_checkpoint(tmp_path):
     p = train(tmp_path, "--max_steps=2", *FAST)
-    assert "step 2/2 | reward" in p.stdout, "one log line per step"
+    assert "step 2/2 | reward" in p.stdout and "done: 2 steps; the final checkpoint is" in p.stdout, "a line a step, a last"
+    assert all(len(l) <= 120 for l in p.stdout.splitlines() if l.startswith("step ")), "step lines fit a terminal"
     metrics = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert len(metrics) == 2 and all(m["judge_failures"] == 0 for m in metrics), "metrics.jsonl has every step"
     for m in metrics:  # what HRI does, step by step
@@ -89,9 +90,9 @@ def test_invalid_data_names_file_and_line(tmp_path, line, why):
 
 def test_memory_plan_refuses_a_9b_run_that_cannot_fit(tmp_path):
     from transformers import Qwen3_5TextConfig
-    import rollout
+    import tiny
     Qwen3_5TextConfig().save_pretrained(tmp_path / "qwen3_5_9b")  # the 9B architecture, no weights
-    rollout.build_tiny(["data/sample/train.jsonl"])[1].save_pretrained(tmp_path / "qwen3_5_9b")  # a tokenizer
+    tiny.build_tiny(["data/sample/train.jsonl"])[1].save_pretrained(tmp_path / "qwen3_5_9b")  # a tokenizer
     p = subprocess.run([sys.executable, "train.py", "config/polaris.py", "--train_data=data/sample/train.jsonl",
                         f"--init_from={tmp_path}/qwen3_5_9b", "--device_memory_gb=80.0", f"--out_dir={tmp_path}/run",
                         "--judge_url=local"],
@@ -215,7 +216,6 @@ def test_reference_metrics_and_shaping(tmp_path):
     p = train(tmp_path / "low", "--max_steps=1", "--ref_reward=-500", *FAST)
     m = json.loads(open(tmp_path / "low/metrics.jsonl").readline())
     assert m["ref_rank"] == 6 and m["ref_adv_neg"] == 1 and m["ref_adv"] < 0, m
-    assert "ref adv -" in p.stdout and "neg 1.00 rank 6.0" in p.stdout, "on the step line"
     # shaping changes only the references' part of the loss: -A p / (p + gamma) instead of -A (ratio 1)
     train(tmp_path / "shaped", "--max_steps=1", "--ref_shaping_gamma=0.1", *FAST)
     plain = json.loads(open(tmp_path / "low/metrics.jsonl").readline())

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-import rollout
+import tiny
 
 QWEN_SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
@@ -16,7 +16,7 @@ QWEN_SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_
 def build_tiny_hub(folder, data=("data/sample/train.jsonl",), seed=0):
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
     from safetensors.torch import load_file, save_file
-    _, tok = rollout.build_tiny(list(data), seed=seed)
+    _, tok = tiny.build_tiny(list(data), seed=seed)
     tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL})
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL + ["<|im_end|>", "<|endoftext|>"]}
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,  # 3 linear : 1 full

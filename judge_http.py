@@ -1,0 +1,198 @@
+"""
+The judge's plumbing, kept out of judge.py so that it shows the request, the parse and the retry:
+reading a reply under one deadline and a byte cap, the checks a reply must pass, the disk cache
+(never a failure in it), keys kept out of messages, and `python judge.py`'s command line.
+"""
+import email.utils
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+from configurator import redact_url
+
+TOKENS = ("prompt_tokens", "completion_tokens")
+
+
+class JudgeError(Exception):
+    pass
+
+
+class JudgeFatal(JudgeError):
+    """A failure no retry can fix (key rejected, model or URL not found): the run must stop."""
+
+
+def read_body(r, deadline, max_bytes, cancel):
+    """The response body, read by the request's deadline and with a cap (a 60 MB reply must not
+    reach memory whole, the re-ask, or the cache). read1 returns what one socket read brings and
+    the socket waits no longer than the time left, so a trickle ends on time. None: over the cap."""
+    body, sock = b"", getattr(getattr(r.raw, "_connection", None), "sock", None)
+    while len(body) <= max_bytes:
+        if cancel.is_set():
+            raise JudgeError("cancelled")
+        if time.monotonic() >= deadline:
+            raise TimeoutError
+        if sock:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+        piece = r.raw.read1(min(65536, max_bytes + 1 - len(body)), decode_content=True)
+        if not piece:
+            return body
+        body += piece
+    r.close()
+    return None
+
+
+def parse_reply(raw):
+    """A chat completion's body -> {content, reasoning, usage, finish_reason}, or None. Servers
+    that apply a thinking template split the thinking out: vLLM and transformers serve as
+    reasoning_content, others as reasoning."""
+    try:
+        data = json.loads(raw)
+        message = data["choices"][0]["message"]
+        reply = dict(content=message.get("content") or "",
+                     reasoning=message.get("reasoning_content") or message.get("reasoning") or "",
+                     usage=data.get("usage") or {}, finish_reason=data["choices"][0].get("finish_reason"))
+        return reply if is_reply(reply) else None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
+        return None  # RecursionError: JSON nested too deep
+
+
+def is_reply(x):
+    """The shape chat() returns and caches; anything else is asked again."""
+    return isinstance(x, dict) and isinstance(x.get("content"), str) and isinstance(x.get("reasoning", ""), str)
+
+
+def count(usage, k):
+    """A token count, or None where absent or not a finite number >= 0 (servers have sent strings, NaN, -1)."""
+    v = usage.get(k) if isinstance(usage, dict) else None
+    return v if type(v) in (int, float) and math.isfinite(v) and v >= 0 else None
+
+
+def usage_ok(usage):
+    return isinstance(usage, dict) and all(usage.get(k) is None or count(usage, k) is not None for k in TOKENS)
+
+
+def redact(key, text):
+    """An error body may echo the request: neither the key nor a URL's query string reaches a log."""
+    return redact_url(text.replace(key, "<key>") if key else text)
+
+
+def retry_after(value):
+    """Retry-After is either seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+class Cache:
+    """Replies on disk by the hash of the request body. Written to a temporary file and renamed,
+    so a crash leaves no entry or a whole one; a write that fails (a full disk) is a warning."""
+
+    def __init__(self, folder):
+        self.folder, self.warned = folder, False
+
+    def _path(self, body):
+        key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        return os.path.join(self.folder, key[:2], key + ".json") if self.folder else None
+
+    def get(self, body):
+        path = self._path(body)
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (TypeError, OSError, ValueError):
+            return None  # no cache, no entry, or an unreadable one: asked again and overwritten
+
+    def put(self, body, reply):
+        path, tmp = self._path(body), None
+        if not path:
+            return
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(reply, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            if tmp and os.path.exists(tmp):
+                os.remove(tmp)
+            if not self.warned:
+                self.warned = True
+                print(f"warning: the judge cache cannot be written ({e.strerror}): {path}", file=sys.stderr)
+
+
+def stop(judge, message):
+    """Ctrl-C or SIGTERM in a script: cancel the judge's queued work and end the process now,
+    with one line and no traceback. os._exit, because a normal exit waits for every request in
+    flight, and one waiting on a silent server would hold the process for up to judge_timeout."""
+    if judge:
+        judge.cancel()
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+def main():
+    """python judge.py serve | score: the local judge on a port, or a data file scored."""
+    import collections
+    import signal
+    import threading
+
+    import judge as judge_lib
+    import preflight
+    from configurator import check_ranges, configure
+    if len(sys.argv) < 2 or sys.argv[1] not in ("serve", "score"):
+        sys.exit(judge_lib.__doc__)
+    command = sys.argv[1]
+    c = dict(
+        port=8000,  # serve: port on 127.0.0.1
+        latency=0.0,  # serve: seconds added to each reply, standing in for a remote API
+        data="data/sample/heldout.jsonl",  # score: JSONL rows {id, prompt, target_words, story}
+        out="out/scores.jsonl",  # score: rows with scores, SQ, length ratio, reward, error
+        **judge_lib.DEFAULTS,
+    )
+    configure(c, sys.argv[2:])
+    check_ranges(c, judge_lib.RANGES)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the run like Ctrl-C
+    if command == "serve":
+        from local_judge import serve_local
+        server, url = serve_local(c["port"], latency=c["latency"])
+        print(f"polaris local judge at {url}/chat/completions (a heuristic stand-in, not a quality judge)", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            server.shutdown()
+        sys.exit(0)
+    try:
+        rows = preflight.load_rows(c["data"], max_words=None, allow_empty=True, special_tokens=())  # generations
+        judge = judge_lib.judge_from_config(c, cache_dir=c["judge_cache"] or None)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    try:
+        results, used = judge.score(rows, progress=True)
+    except KeyboardInterrupt:
+        stop(judge, f"interrupted: queued judge requests cancelled, {c['out']} not written")
+    judge.close()
+    os.makedirs(os.path.dirname(os.path.abspath(c["out"])), exist_ok=True)
+    tmp = c["out"] + ".tmp"
+    with open(tmp, "w") as f:
+        for row, res in zip(rows, results):
+            f.write(json.dumps(dict(row, **res)) + "\n")
+    os.replace(tmp, c["out"])  # never a half-written output file
+    sqs = [r["sq"] for r in results if not math.isnan(r["sq"])]
+    print(f"{used['n']} stories | mean SQ {f'{sum(sqs) / len(sqs):.1f}' if sqs else 'n/a'} | failures {used['failures']} | "
+          f"tokens {used['tokens_in']} in, {used['tokens_out']} out | cost ${used['cost']:.4f} | "
+          f"cache hits {used['cached']} | wrote {c['out']}"
+          + (f"\n{used['unpriced']} replies came without usable token counts: their cost is unknown" if used["unpriced"] else ""))
+    if not sqs:  # a judge that scored nothing is an error, whatever the reasons
+        reasons = collections.Counter(r["error"] for r in results if r["error"])
+        sys.exit("error: no story was scored: " + "; ".join(f"{n} x {e}" for e, n in reasons.most_common(5)))
