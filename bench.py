@@ -74,6 +74,7 @@ if worker.startswith("trl:"):  # the peer: TRL's GRPOTrainer on polaris's tiny m
     import trl
     from transformers import TrainerCallback
     import judge as judge_lib
+    import judge_http
     import tiny as tiny_model
     model, tok = tiny_model.build_tiny([os.path.join(ROOT, "data/sample/train.jsonl")], seed=1337)
     data = [json.loads(l) for l in open(os.path.join(ROOT, "data/sample/train.jsonl"))]
@@ -82,7 +83,7 @@ if worker.startswith("trl:"):  # the peer: TRL's GRPOTrainer on polaris's tiny m
     judge = judge_lib.Judge("local", "polaris-local", workers=8)
 
     def reward(prompts, completions, target_words, **kw):
-        res, _ = judge.score([dict(prompt=p[-1]["content"], target_words=t, story=c[0]["content"])
+        res, _ = judge_http.score(judge, [dict(prompt=p[-1]["content"], target_words=t, story=c[0]["content"])
                               for p, c, t in zip(prompts, completions, target_words)])
         return [r["reward"] for r in res]
     times = []
@@ -161,6 +162,7 @@ for T in (logprob_tokens, logprob_compare_tokens):
 # 2. judge throughput against a local judge with added latency
 print("2. judge throughput ...", flush=True)
 import judge as judge_lib  # noqa: E402
+import judge_http  # noqa: E402
 
 # the server runs in its own process, as a remote API would: in this one it would share the GIL
 with socket.socket() as sock:  # a free port
@@ -172,9 +174,9 @@ if not any("local judge at" in line for line in server.stdout):  # stops at its 
     sys.exit("the local judge did not start")
 story = json.loads(open(os.path.join(ROOT, "data/sample/train.jsonl")).readline())
 client = judge_lib.Judge(f"http://127.0.0.1:{port}/v1", "bench", workers=judge_workers)
-client.score([story])  # warm-up: the server loads its vocabulary on the first request
+judge_http.score(client, [story])  # warm-up: the server loads its vocabulary on the first request
 t = time.perf_counter()
-results, used = client.score([dict(story, story=story["story"] + f"\n\n{i}") for i in range(judge_requests)])
+results, used = judge_http.score(client, [dict(story, story=story["story"] + f"\n\n{i}") for i in range(judge_requests)])
 wall = time.perf_counter() - t
 client.close()
 server.terminate()
@@ -303,7 +305,7 @@ for budget in train_budgets:
     t = time.perf_counter()
     for _ in range(2):
         for mb in rollout.micro_batches([len(s.prompt_ids) + len(s.completion_ids) for s in seqs], budget):
-            ids, attn, lm = rollout.collate([seqs[i] for i in mb], tok.pad_token_id)
+            ids, attn, lm, _ = rollout.collate([seqs[i] for i in mb], tok.pad_token_id)
             logp, _ = rollout.token_logprobs(tiny, ids.to(device), attn.to(device), lm.to(device), 1.0, chunk)
             (-(logp * lm.to(device)).sum() / lm.sum()).backward()
         opt.zero_grad()

@@ -13,13 +13,19 @@ owns in the new layout from every old shard.
 """
 import glob
 import json
+import math
 import os
 import random
 import shutil
+import signal
+import sys
+import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import rubric
 
 # the model card's sampling for long stories, written into every checkpoint's generation_config
 CARD_SAMPLING = dict(do_sample=True, temperature=0.6, top_p=0.95, top_k=20)
@@ -36,19 +42,18 @@ def base_folder(init_from, out_dir):
     return snapshot_download(init_from)
 
 
-def policy_class(config):
-    """The class the checkpoint names (the hub's Qwen3.5-9B: Qwen3_5ForConditionalGeneration,
-    so every tensor keeps its name), or the causal-LM class of a bare text config."""
+def policy(config, path=None, dtype=None):
+    """The model of the class the config names (the hub's Qwen3.5-9B is Qwen3_5ForConditionalGeneration,
+    so every tensor keeps its name; a bare text config gets its causal-LM class), loaded from `path`
+    or built empty, with its vision tower frozen: stories are text, so no gradients or optimizer state."""
     import transformers
     arch = (getattr(config, "architectures", None) or [""])[0]
-    return getattr(transformers, arch, None) or transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-
-
-def freeze_vision(model):
-    """Stories are text: the vision tower gets no gradients and no optimizer state."""
+    cls = getattr(transformers, arch, None) or transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model = cls.from_pretrained(path, dtype=dtype) if path else cls._from_config(config)
     visual = getattr(getattr(model, "model", None), "visual", None)
     if visual is not None:
         visual.requires_grad_(False)
+    return model
 
 
 def save_like_base(model, base_dir, out_dir):
@@ -120,8 +125,8 @@ def _write_error(e, out_dir):
 
 
 def save(out_dir, step, model, opt, base_dir, state, keep_last, rank=0, world=1):
-    """Every rank together: write ckpt_{step}; keep the newest keep_last. Returns '' or, when a
-    write failed on any rank (a full disk), why, with the temporary folder removed."""
+    """Every rank together: write ckpt_{step}; keep the newest keep_last. A write that fails on any
+    rank (a full disk) removes the temporary folder and stops the run, saying why."""
     final, tmp = os.path.join(out_dir, f"ckpt_{step:06d}"), os.path.join(out_dir, f".tmp_ckpt_{step:06d}")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -149,20 +154,28 @@ def save(out_dir, step, model, opt, base_dir, state, keep_last, rank=0, world=1)
         except Exception as e:  # noqa: BLE001 -- OSError, safetensors' errors
             err = _write_error(e, out_dir)
     err = _first_error(err, world)
-    if err and rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return err
+    if err:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        newest = sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))
+        sys.exit(f"error: step {step}: the checkpoint could not be written ({err}); its temporary folder removed. The "
+                 f"newest checkpoint is {newest[-1] if newest else 'none'}: free some space and run the same command "
+                 "with --resume=auto")
 
 
-def restore(ckpt, opt, rank, world):
+def restore(ckpt, opt, rank, world, out_dir):
     """Load every rank's optimizer shard of `ckpt` (memory-mapped: each rank copies only what it
-    owns now) and, on the same world size, this rank's RNG states."""
+    owns now) and, on the same world size, this rank's RNG states; the master drops the logs' rows
+    written after the checkpoint, or stops with the logs untouched when it cannot (a full disk)."""
     shards = [torch.load(f, mmap=True, weights_only=False) for f in sorted(glob.glob(os.path.join(ckpt, "optim_rank*.pt")))]
     opt.load_state_dict(shards)
     if len(shards) == world:  # nothing draws from these generators; restored for code that will
         random.setstate(shards[rank]["rng"]["python"])
         np.random.set_state(shards[rank]["rng"]["numpy"])
         torch.set_rng_state(shards[rank]["rng"]["torch"].cpu())
+    err = rank == 0 and trim_logs(out_dir, torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)["step"])
+    if err:
+        sys.exit(f"error: {err}; the logs are unchanged. Free some space and run the same command again")
 
 
 def trim_logs(out_dir, step):
@@ -189,3 +202,115 @@ def trim_logs(out_dir, step):
     for path in paths:
         os.replace(path + ".tmp", path)
     return ""
+
+
+def prepare(out_dir, state):
+    """Before the first step, on the master: remove a checkpoint whose writer was killed, and for a
+    new run in a folder with logs but no checkpoint (resume='auto' after a run killed before its
+    first save) move the old logs aside, never mixing them with the new. Returns the run's id."""
+    for tmp in glob.glob(os.path.join(out_dir, ".tmp_ckpt_*")):
+        shutil.rmtree(tmp)
+    logs = [f for f in ("metrics.jsonl", "rollouts.jsonl") if os.path.exists(os.path.join(out_dir, f))]
+    if not state and logs:
+        aside = os.path.join(out_dir, f"abandoned_{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(aside)
+        for f in logs:
+            os.rename(os.path.join(out_dir, f), os.path.join(aside, f))
+        print(f"{out_dir} held logs but no checkpoint: starting over, the old logs moved to {aside}")
+    return state.get("run_id") or f"{time.strftime('%Y%m%d%H%M%S')}{random.Random().randrange(16 ** 6):06x}"
+
+# -----------------------------------------------------------------------------
+# stopping at a safe point: SIGTERM (a cluster's preemption), Ctrl-C, a peer that died
+
+
+def watch(run, ddp, dist_timeout_s):
+    """SIGTERM or SIGINT puts its name in run['stop']: the loop stops at its next safe point and
+    checkpoints the last completed step; a second signal exits at once (a checkpoint being written
+    stays a .tmp_ folder). A collective that failed (a peer died, or one waited dist_timeout_s for a
+    stuck one) ends the run with one line naming the step, not gloo's or nccl's traceback."""
+    def on_signal(signum, frame):
+        if run["stop"]:
+            os._exit(128 + signum)
+        run["stop"].append(signal.Signals(signum).name)
+        print(f"\n{run['stop'][0]} while {run['phase']}: stopping at the next safe point; a second signal exits "
+              "at once", file=sys.stderr, flush=True)
+
+    def on_error(kind, e, tb):
+        if ddp and isinstance(e, RuntimeError) and any(w in str(e) for w in ("gloo", "NCCL", "Connection", "imed out")):
+            where = f"step {run['step'] + 1}" if run["step"] >= 0 else "start-up"
+            print(f"error: {where}: a collective with the other ranks failed: {str(e).splitlines()[0][:300]}. A rank "
+                  f"died, or waited dist_timeout_s={dist_timeout_s:g} for a stuck one; the newest checkpoint continues "
+                  "the run (--resume=auto)", file=sys.stderr, flush=True)
+        else:
+            sys.__excepthook__(kind, e, tb)
+    sys.excepthook = on_error
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+# -----------------------------------------------------------------------------
+# the run's logs: one row a step in metrics.jsonl, every story in rollouts.jsonl, the step line
+
+
+def log_step(out_dir, step, max_steps, groups, ids, acc, stopping, rank=0, world=1, wandb=None):
+    """Reduce a step's metrics over the ranks ([sum, count] pairs for the means, plain sums for
+    the totals, one all_reduce each), print the step line, append metrics.jsonl and rollouts.jsonl
+    on the master. groups: this rank's lists of Stories; ids: their (group, row id).
+    Returns the metrics, and whether any rank was asked to stop."""
+    rolls = [s for g in groups for s in g if not s.is_ref]
+    refs = [s for g in groups for s in g if s.is_ref and not math.isnan(s.judged["reward"])]
+
+    def pair(values):  # NaN (a failed judgement) counts nowhere
+        v = [x for x in values if not math.isnan(x)]
+        return [sum(v), len(v)]
+    means = dict(reward=pair(s.judged["reward"] for s in rolls), ref_reward=pair(s.judged["reward"] for s in refs),
+                 sq=pair(s.judged["sq"] for s in rolls), length_ratio=pair(s.judged["ratio"] for s in rolls),
+                 truncated=pair(s.truncated for s in rolls), truncated_in_thinking=pair(s.in_thinking for s in rolls),
+                 ref_nll=[acc["ref_nll"], acc["ref_tok"]], entropy=[acc["ent_sum"], acc["ent_tok"]],
+                 ref_adv=pair(s.adv for s in refs), ref_adv_neg=pair(float(s.adv < 0) for s in refs),
+                 ref_rank=pair(1.0 + sum(s.judged["reward"] > r.judged["reward"] for s in g)  # 1: the group's best
+                               for g in groups for r in g if r.is_ref and not math.isnan(r.judged["reward"])),
+                 is_ratio_mean=[acc["is_sum"], acc["is_tok"]] if acc["is_tok"] else [1.0, 1.0],
+                 is_clipped_frac=[acc["is_clip"], acc["is_tok"]] if acc["is_tok"] else [0.0, 1.0])
+    stories = [s for g in groups for s in g]
+    totals = dict(zero_std_groups=acc["zero_std"], idle_passes=acc["idle"], stop=stopping,
+                  judge_failures=sum(s.judged["error"] is not None for s in stories),
+                  judge_tokens=sum(s.judged["tokens_in"] + s.judged["tokens_out"] for s in stories),
+                  judge_cost=sum(s.judged["cost"] for s in stories), loss_on=acc["loss_on"], loss_off=acc["loss_off"],
+                  gen_tokens=sum(len(s.completion_ids) for s in rolls), train_tokens=acc["train_tokens"],
+                  **{k: acc[k] for k in ("t_generate", "t_judge_wait", "t_train", "t_sync", "t_checkpoint")})
+    pairs = torch.tensor(list(means.values()), dtype=torch.float64)  # (M, 2)
+    sums = torch.tensor(list(totals.values()), dtype=torch.float64)  # (S,)
+    if world > 1:
+        dist.all_reduce(pairs)
+        dist.all_reduce(sums)
+    m = {k: s / n if n else math.nan for k, (s, n) in zip(means, pairs.tolist())}
+    m.update(zip(totals, sums.tolist()))
+    stopping = m.pop("stop") > 0
+    m["loss"] = m["loss_on"] + m["loss_off"]
+    if not any(s.is_ref for s in stories):
+        m["loss_off"] = math.nan  # no references: the loss is the sampled stories' alone
+    for k in ("t_generate", "t_judge_wait", "t_train", "t_sync", "t_checkpoint"):
+        m[k] /= world  # mean seconds per rank
+    m.update(step=step, t_step=time.time() - acc["t0"], grad_norm=acc["grad_norm"], skipped=acc["skipped"], lr=acc["lr"],
+             gen_tok_per_s=m["gen_tokens"] / max(m["t_generate"] * world, 1e-9),
+             train_tok_per_s=m["train_tokens"] / max(m["t_train"] * world, 1e-9))
+    records = [dict(step=step, group=gid, id=i, is_ref=s.is_ref, story=s.text, thinking_words=rubric.count_words(s.thinking),
+                    truncated=s.truncated, adv=s.adv, **{k: s.judged[k] for k in ("reward", "sq", "ratio", "scores", "error")})
+               for (gid, i), g in zip(ids, groups) for s in g]
+    if world > 1:
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(records, gathered, dst=0)
+        records = [r for part in (gathered or []) for r in part]
+    if rank == 0:  # what a person watches; everything else is in metrics.jsonl (docs/training.md)
+        print(f"step {step + 1}/{max_steps} | reward {m['reward']:.1f} (ref {m['ref_reward']:.1f}) | sq {m['sq']:.1f} | "
+              f"len {m['length_ratio']:.2f} | entropy {m['entropy']:.2f} | gnorm {m['grad_norm']:.2f}"
+              + (" SKIPPED" if m["skipped"] else "") + (f" | judge fail {m['judge_failures']:.0f}" if m["judge_failures"]
+                                                        else "") + f" | ${m['judge_cost']:.2f} | {m['t_step']:.0f}s",
+              flush=True)
+        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(m) + "\n")
+        with open(os.path.join(out_dir, "rollouts.jsonl"), "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        if wandb:
+            wandb.log(m, step=step)  # a wandb Run
+    return m, stopping

@@ -12,7 +12,7 @@ may stand for a float. Unknown keys are rejected with the nearest valid names. A
 exits before the script does expensive work, naming the file:line or the flag; so does a number
 that is not finite (1e999 parses as inf). Then each script
 checks the values against their allowed ranges with check_ranges, the rules written once where
-the settings are defined (judge.RANGES, rollout.SAMPLING_RANGES, train.py's own).
+the settings are defined (judge.RANGES, preflight.SAMPLING_RANGES and preflight.RANGES).
 
 A config file is executed as Python, like nanoGPT's: run only config files you trust.
 nanoGPT exec()s this file into the script instead; a function is used here so that tests can

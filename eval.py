@@ -27,6 +27,7 @@ from itertools import combinations
 
 import numpy as np
 
+import judge_http
 import preflight
 import rubric
 
@@ -98,6 +99,13 @@ def parse_pairwise(text):
     if missing:
         return None, "missing: " + ", ".join(missing)
     return verdict, None
+
+
+def ask(judge, messages):
+    """One pairwise judgement: dict(parsed, error, tokens, cost, ...), as judge.py's results."""
+    out = judge_lib.blank()
+    out["parsed"], out["error"] = judge.ask(messages, parse_pairwise, out)
+    return out
 
 
 def dual_verdict(first, second):
@@ -415,7 +423,7 @@ if __name__ == "__main__":
     # judge (config/eval.py: GPT-5.4)
     globals().update(judge_lib.DEFAULTS)  # judge_url, judge_model, judge_key_env, ... (see judge.py)
     c = configure(globals())
-    check_ranges(c, dict(rollout.SAMPLING_RANGES, **judge_lib.RANGES, limit=">= 0", n_boot=">= 1", max_chars=">= 0",
+    check_ranges(c, dict(preflight.SAMPLING_RANGES, **judge_lib.RANGES, limit=">= 0", n_boot=">= 1", max_chars=">= 0",
                     batch_size=">= 1"))
 
     def fail(msg):
@@ -462,7 +470,7 @@ if __name__ == "__main__":
             else:
                 import torch
                 from transformers import AutoModelForCausalLM, AutoTokenizer
-                rollout.check_sampling(repetition_penalty, presence_penalty)
+                preflight.check_sampling(repetition_penalty, presence_penalty)
                 device = "cuda" if torch.cuda.is_available() else "cpu"
                 lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype) if device == "cuda" else torch.float32).to(device)
                 tok = AutoTokenizer.from_pretrained(model)
@@ -508,7 +516,8 @@ if __name__ == "__main__":
             if missed:
                 fail(f"{len(missed)} of {len(todo)} generations came back without a story and were not written: "
                      + ", ".join(missed[:20]) + (" ..." if len(missed) > 20 else "") + ". A story cut off in its "
-                     "thinking needs a larger max_new_tokens; an empty reply from a server, its reasoning settings. "
+                     "thinking needs a larger max_new_tokens, or --enable_thinking=False for a model that does not close its "
+                     "thinking (the tiny random model never does); an empty reply from a server, its reasoning settings. "
                      "Run again to ask for these again")
 
         elif task == "score":
@@ -520,7 +529,7 @@ if __name__ == "__main__":
                 done = {r["id"] for r in drop_failed(scores_path(f), lambda r: r.get("error") is not None)}
                 todo = [r for r in rows if r["id"] not in done]
                 print(f"{f}: scoring {len(todo)} of {len(rows)} ({len(done)} already in {scores_path(f)})")
-                results, used = judge.score(todo, progress=True)
+                results, used = judge_http.score(judge, todo, progress=True)
                 for r, res in zip(todo, results):
                     append_jsonl(scores_path(f), dict(id=r["id"], target_words=r["target_words"], model=label, **res))
                 print(f"  judge: {used['failures']} failures, {used['tokens_in'] + used['tokens_out']} tokens, ${used['cost']:.4f}"
@@ -545,8 +554,8 @@ if __name__ == "__main__":
                     if (i, label[fa], label[fb]) in done:
                         continue
                     a, b = by_file[fa][i], by_file[fb][i]
-                    jobs.append((i, label[fa], label[fb], judge.submit_ask(pairwise_messages(a["prompt"], cut(a["story"]), cut(b["story"])), parse_pairwise),
-                                 judge.submit_ask(pairwise_messages(a["prompt"], cut(b["story"]), cut(a["story"])), parse_pairwise)))
+                    jobs.append((i, label[fa], label[fb], judge.pool.submit(ask, judge, pairwise_messages(a["prompt"], cut(a["story"]), cut(b["story"]))),
+                                 judge.pool.submit(ask, judge, pairwise_messages(a["prompt"], cut(b["story"]), cut(a["story"])))))
             os.makedirs(os.path.dirname(os.path.abspath(pairs)), exist_ok=True)
             from tqdm import tqdm
             for i, ma, mb, f1, f2 in tqdm(jobs, desc="pairwise"):

@@ -1,18 +1,12 @@
 """
-The LLM judge, reached over plain HTTP.
-
-Judge is a thread-pool client for any OpenAI-compatible /v1/chat/completions endpoint (OpenAI,
-Gemini's OpenAI-compatible endpoint, vLLM, llama.cpp). It sends rubric.py's prompts, parses the
-replies with rubric.py's parsers, retries what is worth retrying, caches good replies on disk
-(never a failure), counts tokens and dollars, and returns NaN with a reason, never a made-up
-score. judge_url='local' starts local_judge.py's offline heuristic stand-in (not a quality judge).
+The LLM judge over plain HTTP: a thread-pool client for any OpenAI-compatible endpoint (OpenAI,
+Gemini, vLLM, llama.cpp). It sends rubric.py's prompt, parses the reply, retries what is worth
+retrying, caches good replies (never a failure), counts dollars, and returns NaN with a reason,
+never a made-up score. judge_url='local' starts local_judge.py's heuristic stand-in.
 
     python judge.py serve --port=8000          # the local judge on 127.0.0.1
-    python judge.py score --data=data/sample/heldout.jsonl --out=out/scores.jsonl
-    python judge.py score --data=IN.jsonl --out=OUT.jsonl --judge_url=https://api.openai.com/v1 \\
-        --judge_model=gpt-5.4 --judge_key_env=OPENAI_API_KEY --judge_price_in=2.50 --judge_price_out=15
+    python judge.py score --data=data/sample/heldout.jsonl --out=out/scores.jsonl --judge_url=...
 """
-import math
 import os
 import random
 import threading
@@ -25,16 +19,13 @@ import urllib3
 import judge_http as http
 import rubric
 from configurator import redact_url
-from judge_http import JudgeError, JudgeFatal, stop  # noqa: F401 -- stop: for the scripts
+from judge_http import DEFAULTS, RANGES, JudgeError, JudgeFatal, stop  # noqa: F401 -- for the scripts
 
 
 class Judge:
-    """Scores stories concurrently: submit() returns a Future, so the trainer hands stories over
-    as they end and keeps generating. url ends in /v1 (a query string such as ?key=... is kept,
-    and shown as ?key=*** everywhere), or 'local'. key_env names the variable holding the key,
-    read at each request and sent only as a header. timeout is one deadline per request, the whole
-    body included. extra: body fields passed through (part of the cache key); max_tokens is sent
-    as max_completion_tokens unless extra names a cap. Prices are dollars per million tokens."""
+    """Scores stories concurrently: submit() returns a Future. url ends in /v1 (a ?key=... kept,
+    shown as ?key=***), or 'local'; key_env names the variable holding the key, sent only as a
+    header; timeout is one deadline per request, body included; extra: body fields passed through."""
 
     def __init__(self, url, model, key_env="", workers=16, timeout=300.0, retries=6, reasks=2,
                  extra=None, price_in=0.0, price_out=0.0, cache_dir=None, length_weight=25.0,
@@ -65,28 +56,12 @@ class Judge:
             self.server.server_close()
 
     def cancel(self):
-        """Ctrl-C, SIGTERM: queued stories are dropped; requests in flight end as 'cancelled' at
-        their next read or backoff wait."""
+        """Ctrl-C, SIGTERM: drop queued stories; requests in flight end at their next read or wait."""
         self._cancel.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, prompt, target_words, story):
         return self.pool.submit(self._score_one, prompt, target_words, story)
-
-    def submit_ask(self, messages, parse):
-        """Any rubric-style question (eval.py's pairwise): a Future of dict(parsed, error, usage...)."""
-        return self.pool.submit(self._ask_one, messages, parse)
-
-    def score(self, rows, progress=False):
-        """[{prompt, target_words, story}, ...] -> (results in order, usage of this batch)."""
-        futures = [self.submit(r["prompt"], r["target_words"], r["story"]) for r in rows]
-        if progress:
-            from concurrent.futures import as_completed
-            from tqdm import tqdm
-            for _ in tqdm(as_completed(futures), total=len(futures), desc="judging"):
-                pass
-        results = [f.result() for f in futures]
-        return results, usage(results)
 
     def _score_one(self, prompt, target_words, story):
         out = blank()
@@ -99,15 +74,10 @@ class Judge:
         out.update(rubric.reward(scores or {}, story, target_words, self.length_weight), scores=scores)
         return out
 
-    def _ask_one(self, messages, parse):
-        out = blank()
-        out["parsed"], out["error"] = self.ask(messages, parse, out)
-        return out
-
     def ask(self, messages, parse, out):
-        """Ask, parse; a reply that does not parse is shown back to the judge with the reason, at
-        most self.reasks times. Returns (parsed, None) or (None, reason); adds usage to `out` and
-        sets out['fatal'] when no retry can help. A reply cut at the token cap is not re-asked."""
+        """Ask and parse -> (parsed, None) or (None, reason); usage added to `out`. A reply that does
+        not parse is shown back to the judge with the reason, at most reasks times (one cut at the
+        token cap is not: the cap would cut it again)."""
         for attempt in range(self.reasks + 1):
             try:
                 reply = self.chat(messages, keep=lambda r: r.get("finish_reason") != "length"
@@ -135,9 +105,8 @@ class Judge:
         return None, f"unparseable after {self.reasks + 1} replies: {error}"
 
     def chat(self, messages, keep=lambda r: r["content"].strip()):
-        """One chat completion {content, reasoning, usage, finish_reason, cached}, from the disk
-        cache or the server. Only a reply keep() accepts and with well-formed usage is cached (or
-        taken from the cache): a failure is asked again by a later run. Raises JudgeError."""
+        """One chat completion {content, reasoning, usage, finish_reason, cached}, from the cache or
+        the server; only a reply keep() accepts is cached or taken from it: a failure is asked again."""
         body = dict(self.extra, model=self.model, messages=messages)
         good = lambda r: http.is_reply(r) and http.usage_ok(r["usage"]) and keep(r)
         reply = self.cache.get(body)
@@ -150,8 +119,8 @@ class Judge:
 
 
     def _post(self, body):
-        """judge's POST of `body`, with retries: 429, 5xx, timeouts and any fault of the wire are retried
-        with exponential backoff and jitter (or the server's Retry-After); 400-404 are not."""
+        """POST with retries: 429, 5xx, timeouts and any fault of the wire, with exponential backoff and
+        jitter (or the server's Retry-After); 400-404 are not retried."""
         key = os.environ.get(self.key_env) if self.key_env else None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         if not hasattr(self._local, "s"):
@@ -196,37 +165,6 @@ class Judge:
 
 def blank():
     return dict(scores=None, error=None, fatal=False, tokens_in=0, tokens_out=0, cost=0.0, cached=0, unpriced=0)
-
-
-def fixed(reward):
-    """The result for a story given a fixed reward instead of a judgement (train.py's ref_reward=60)."""
-    return dict(blank(), sq=math.nan, words=0, ratio=1.0, length_score=1.0, reward=reward)
-
-
-def usage(results):
-    """Sum the judge usage of a list of results."""
-    return dict(n=len(results), failures=sum(r["error"] is not None for r in results),
-                **{k: sum(r.get(k, 0) for r in results) for k in ("tokens_in", "tokens_out", "cost", "cached", "unpriced")})
-
-
-# The judge settings every script accepts (train.py spells out its own for the paper run):
-DEFAULTS = dict(
-    judge_url="local",  # base URL ending in /v1, or 'local' for the built-in heuristic judge
-    judge_model="polaris-local",
-    judge_key_env="",  # the NAME of the environment variable holding the API key
-    judge_workers=16, judge_timeout=300.0, judge_retries=6, judge_reasks=2, judge_backoff_max=60.0,
-    judge_extra={},  # passed through in the body: {'reasoning_effort': 'low', ...}
-    judge_max_tokens=8192,  # reply cap, sent as max_completion_tokens (0: none; judge_extra may name its own)
-    judge_max_reply_bytes=1_000_000,  # a larger reply body is a failure, never re-asked or cached
-    judge_max_fail_frac=0.5,  # train.py stops when more of a step's stories than this could not be scored
-    judge_price_in=0.0, judge_price_out=0.0,  # dollars per million tokens
-    judge_cache="out/judge_cache",  # '' to disable
-    length_weight=25.0,  # reward = SQ - length_weight * (1 - length score)
-)
-# the allowed values of the judge settings, checked by every script that takes them
-RANGES = dict(judge_workers=">= 1", judge_timeout="> 0", judge_retries=">= 0", judge_reasks=">= 0",
-              judge_backoff_max=">= 0", judge_max_tokens=">= 0", judge_max_reply_bytes=">= 1",
-              judge_max_fail_frac="[0, 1]", judge_price_in=">= 0", judge_price_out=">= 0", length_weight=">= 0")
 
 
 def judge_from_config(c, cache_dir=None):

@@ -130,6 +130,44 @@ class Cache:
                 print(f"warning: the judge cache cannot be written ({e.strerror}): {path}", file=sys.stderr)
 
 
+# The judge settings every script accepts (train.py spells out its own for the paper run):
+DEFAULTS = dict(
+    judge_url="local",  # base URL ending in /v1, or 'local' for the built-in heuristic judge
+    judge_model="polaris-local",
+    judge_key_env="",  # the NAME of the environment variable holding the API key
+    judge_workers=16, judge_timeout=300.0, judge_retries=6, judge_reasks=2, judge_backoff_max=60.0,
+    judge_extra={},  # passed through in the body: {'reasoning_effort': 'low', ...}
+    judge_max_tokens=8192,  # reply cap, sent as max_completion_tokens (0: none; judge_extra may name its own)
+    judge_max_reply_bytes=1_000_000,  # a larger reply body is a failure, never re-asked or cached
+    judge_max_fail_frac=0.5,  # train.py stops when more of a step's stories than this could not be scored
+    judge_price_in=0.0, judge_price_out=0.0,  # dollars per million tokens
+    judge_cache="out/judge_cache",  # '' to disable
+    length_weight=25.0,  # reward = SQ - length_weight * (1 - length score)
+)
+# the allowed values of the judge settings, checked by every script that takes them
+RANGES = dict(judge_workers=">= 1", judge_timeout="> 0", judge_retries=">= 0", judge_reasks=">= 0",
+              judge_backoff_max=">= 0", judge_max_tokens=">= 0", judge_max_reply_bytes=">= 1",
+              judge_max_fail_frac="[0, 1]", judge_price_in=">= 0", judge_price_out=">= 0", length_weight=">= 0")
+
+
+def score(judge, rows, progress=False):
+    """[{prompt, target_words, story}, ...] -> (results in order, usage of this batch)."""
+    futures = [judge.submit(r["prompt"], r["target_words"], r["story"]) for r in rows]
+    if progress:
+        from concurrent.futures import as_completed
+        from tqdm import tqdm
+        for _ in tqdm(as_completed(futures), total=len(futures), desc="judging"):
+            pass
+    results = [f.result() for f in futures]
+    return results, usage(results)
+
+
+def usage(results):
+    """Sum the judge usage of a list of results."""
+    return dict(n=len(results), failures=sum(r["error"] is not None for r in results),
+                **{k: sum(r.get(k, 0) for r in results) for k in ("tokens_in", "tokens_out", "cost", "cached", "unpriced")})
+
+
 def stop(judge, message):
     """Ctrl-C or SIGTERM in a script: cancel the judge's queued work and end the process now,
     with one line and no traceback. os._exit, because a normal exit waits for every request in
@@ -158,10 +196,10 @@ def main():
         latency=0.0,  # serve: seconds added to each reply, standing in for a remote API
         data="data/sample/heldout.jsonl",  # score: JSONL rows {id, prompt, target_words, story}
         out="out/scores.jsonl",  # score: rows with scores, SQ, length ratio, reward, error
-        **judge_lib.DEFAULTS,
+        **DEFAULTS,
     )
     configure(c, sys.argv[2:])
-    check_ranges(c, judge_lib.RANGES)
+    check_ranges(c, RANGES)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the run like Ctrl-C
     if command == "serve":
         from local_judge import serve_local
@@ -178,7 +216,7 @@ def main():
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     try:
-        results, used = judge.score(rows, progress=True)
+        results, used = score(judge, rows, progress=True)
     except KeyboardInterrupt:
         stop(judge, f"interrupted: queued judge requests cancelled, {c['out']} not written")
     judge.close()

@@ -1,22 +1,15 @@
 """
-train.py's optimizer: AdamW sharded over the ranks by hand, ZeRO-2 style, with the gradients
-accumulated in fp32. The bf16 weights stay replicated on every rank; everything else is split:
-each parameter has one owner rank, which alone keeps its fp32 gradient sum, fp32 master weight
-and the two moments, updates it, and broadcasts the new weight.
+train.py's optimizer: AdamW sharded over the ranks by hand, ZeRO-2 style, gradients summed in
+fp32. The bf16 weights stay replicated; each parameter has one owner rank, which alone keeps its
+fp32 gradient sum, fp32 master weight and moments, updates it and broadcasts the new weight.
 
     opt = ShardedAdamW(params, world_size, rank)   # registers a hook on every parameter
     loss.backward()                                # per micro-batch: each gradient goes to its owner
     norm = opt.grad_norm()                         # of the gradient summed over ranks and micro-batches
     opt.step(lr, clip_coef)                        # AdamW on the owned shard, then the owners broadcast
 
-Why fp32: ~12 micro-batches per rank summed in bf16 lose 0.5-1.7% of the gradient when their
-advantages cancel (bench.py measures it), but an fp32 gradient replica of the 9B model is 36 GB.
-Here a parameter's gradient is reduced to its owner in fp32 the moment autograd has finished it
-for the micro-batch (a post-accumulate-grad hook), added to the owner's fp32 buffer, and freed
-on every rank, so no rank ever holds more than its quarter of the fp32 sum. Per A100 at 9B on 4
-ranks: 18 GB bf16 weights + 9 GB fp32 gradient shard + 27 GB master weights and moments.
-Every rank must run as many backward passes over the same parameters: the hooks' collectives match
-one for one (train.py gives a rank with fewer micro-batches passes that add zero gradient).
+Every rank must run as many backward passes: the hooks' collectives match one for one. Why fp32
+sums, and what they cost per A100 at 9B: docs/code.md.
 """
 import math
 
@@ -83,6 +76,9 @@ class ShardedAdamW:
                 w.mul_(1 - lr * self.weight_decay).addcdiv_(m, denom, value=-lr / (1 - b1 ** self.t))
                 p.copy_(w)
         self.zero_grad()
+        self._broadcast()
+
+    def _broadcast(self):
         if self.world > 1:  # one broadcast per tensor: simple, and small next to generation time
             for i, p in enumerate(self.params):
                 dist.broadcast(p.data, src=self.owner[i])  # the owner's new bf16 weights to every rank
@@ -95,22 +91,14 @@ class ShardedAdamW:
         return dict(master=self.master, exp_avg=self.exp_avg, exp_avg_sq=self.exp_avg_sq, adam_t=self.t)
 
     def load_state_dict(self, shards):
-        """shards: the state_dict() of every rank of the run that saved, whatever its world size:
-        each rank takes the parameters it owns now. The weights are set from the fp32 masters, as
-        step() sets them: a checkpoint may hold them rounded to the base's dtype."""
-        for d in (self.master, self.exp_avg, self.exp_avg_sq):
-            d.clear()
-        for s in shards:
-            for i in self.mine:
-                if i in s["master"]:
-                    dev = self.params[i].device
-                    self.master[i], self.exp_avg[i] = s["master"][i].to(dev), s["exp_avg"][i].to(dev)
-                    self.exp_avg_sq[i] = s["exp_avg_sq"][i].to(dev)
+        """shards: every saving rank's state_dict(), whatever its world size: each rank takes what it
+        owns now, and sets the weights from the fp32 masters (a checkpoint may hold them rounded)."""
+        for name in ("master", "exp_avg", "exp_avg_sq"):
+            setattr(self, name, {i: s[name][i].to(self.params[i].device, copy=True)
+                                 for s in shards for i in self.mine if i in s[name]})
         if len(self.master) != len(self.mine):
             raise ValueError("the optimizer shards do not hold every trained parameter")
         self.t = shards[0]["adam_t"]
         for i in self.mine:
             self.params[i].data.copy_(self.master[i])
-        if self.world > 1:
-            for i, p in enumerate(self.params):
-                dist.broadcast(p.data, src=self.owner[i])
+        self._broadcast()

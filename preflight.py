@@ -23,9 +23,10 @@ import torch.distributed as dist
 import checkpoint
 import rollout
 import rubric
+import tiny
 from configurator import check_ranges
 
-# the allowed values of train.py's own settings (the judge's and the sampler's live with them)
+# the allowed values of train.py's own settings (the judge's live in judge.py)
 RANGES = dict(learning_rate="> 0", max_steps=">= 1", save_interval=">= 1", keep_last=">= 1", warmup_steps=">= 0",
               batch_groups=">= 1", max_ref_words=">= 1", weight_decay=">= 0", ref_shaping_gamma=">= 0", tis_cap=">= 0",
               dist_timeout_s="> 0", lock_stale_s="> 0", beta1="[0, 1)", beta2="[0, 1)", grad_clip=">= 0",
@@ -35,15 +36,27 @@ CHOICES = dict(loss_norm=("token", "seq", "constant"), scale_rewards=("group", "
                resume=(False, True, "auto"))
 
 
+# the sampler's settings, which train.py and eval.py share
+SAMPLING_RANGES = dict(max_new_tokens=">= 1", temperature="> 0", top_p="(0, 1]", top_k=">= 0",
+                       repetition_penalty="> 0", presence_penalty="[-2, 2]")
+
+
+def check_sampling(repetition_penalty, presence_penalty):
+    """The model card: use either penalty, never both at once."""
+    if repetition_penalty != 1.0 and presence_penalty != 0.0:
+        raise ValueError(f"repetition_penalty={repetition_penalty} and presence_penalty={presence_penalty}: "
+                         "set one of them to neutral (1.0 / 0.0); the model card says never both at once")
+
+
 def fail(msg):
     sys.exit(f"error: {msg}")
 
 
 def check_config(c, world_size, judge_ranges):
     """Ranges, choices and the settings that must agree with each other."""
-    check_ranges(c, dict(rollout.SAMPLING_RANGES, **judge_ranges, **RANGES))
+    check_ranges(c, dict(SAMPLING_RANGES, **judge_ranges, **RANGES))
     try:
-        rollout.check_sampling(c["repetition_penalty"], c["presence_penalty"])
+        check_sampling(c["repetition_penalty"], c["presence_penalty"])
     except ValueError as e:
         fail(str(e))
     for key, allowed in CHOICES.items():
@@ -96,25 +109,45 @@ def check_resume(ckpt, config, data_sha):
     return state
 
 
-def load_data(path, tok, positions, max_ref_words, enable_thinking, max_new_tokens, n_ref):
-    """The training rows, every bad one named as path:line, a prompt or reference too long for the
-    model's positions too. Returns (rows, sha256 of the file, the longest sequence a row makes)."""
-    longest = 0
+def load_data(c, ckpt):
+    """The tokenizer, the model's config (and the tiny model, built now: its tokenizer is trained on
+    the data), and the training rows, every bad one named as path:line, a prompt or reference too
+    long for the model's positions too. Returns (tok, config, tiny model or None, rows, sha256 of
+    the file, the longest sequence a row makes)."""
+    from transformers import AutoConfig, AutoTokenizer
+    longest, path, tiny_model = 0, c["train_data"], None
+    try:
+        if c["init_from"] == "tiny" and not ckpt:  # the rows are checked before the tokenizer learns from them
+            load_rows(path, max_words=c["max_ref_words"])
+            tiny_model, tok = tiny.build_tiny([path], c["tiny_vocab"], c["tiny_hidden"], c["tiny_layers"], c["seed"])
+            config = tiny_model.config
+        else:
+            tok, config = AutoTokenizer.from_pretrained(ckpt or c["init_from"]), AutoConfig.from_pretrained(ckpt or c["init_from"])
+    except FileNotFoundError as e:
+        fail(f"train_data: {e}")
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    positions, new = config.get_text_config().max_position_embeddings, c["max_new_tokens"]
 
     def too_long(row):
         nonlocal longest
-        n = len(rollout.render_prompt(tok, row["prompt"], enable_thinking))
+        n = len(rollout.render_prompt(tok, row["prompt"], c["enable_thinking"]))
         answer = [dict(role="user", content=row["prompt"]), dict(role="assistant", content=row["story"])]
-        full = tok.apply_chat_template(answer, tokenize=False, enable_thinking=enable_thinking) if n_ref else ""
+        full = tok.apply_chat_template(answer, tokenize=False, enable_thinking=c["enable_thinking"]) if c["n_ref"] else ""
         m = len(tok(full, add_special_tokens=False).input_ids)
-        longest = max(longest, n + max_new_tokens, m)
-        if n + max_new_tokens > positions:
-            return f"the prompt is {n:,} tokens: with max_new_tokens={max_new_tokens:,} more than the model's {positions:,}"
+        longest = max(longest, n + new, m)
+        if n + new > positions:
+            return f"the prompt is {n:,} tokens: with max_new_tokens={new:,} more than the model's {positions:,}"
         if m > positions:
             return f"the prompt and its reference story are {m:,} tokens, more than the model's {positions:,}"
     specials = sorted(set(CHAT_MARKERS) | set(tok.all_special_tokens))
-    rows = load_rows(path, max_words=max_ref_words, special_tokens=specials, check=too_long)
-    return rows, hashlib.sha256(open(path, "rb").read()).hexdigest(), longest
+    try:
+        rows = load_rows(path, max_words=c["max_ref_words"], special_tokens=specials, check=too_long)
+    except FileNotFoundError as e:
+        fail(f"train_data: {e}")
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    return tok, config, tiny_model, rows, hashlib.sha256(open(path, "rb").read()).hexdigest(), longest
 
 
 # data: one JSON object per line, {"id", "prompt", "target_words", "story"}
@@ -220,9 +253,13 @@ def memory_plan(n_params, world_size, param_bytes, n_trainable=None, activations
                 optimizer=12 * n_trainable / world_size, activations=activations)
 
 
-def check_memory(n_params, n_trainable, world_size, param_bytes, activations, tokens, budget, verbose):
-    """Print the plan; refuse a run whose plan does not fit in 90% of the device."""
-    plan = memory_plan(n_params, world_size, param_bytes, n_trainable, activations)
+def check_memory(model, config, world_size, param_bytes, tokens, logprob_chunk, checkpointing, budget, verbose):
+    """Print the plan of `model` (its skeleton on the meta device will do); refuse a run whose
+    plan does not fit in 90% of the device."""
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plan = memory_plan(n_params, world_size, param_bytes, n_trainable,
+                       activation_bytes(config, tokens, logprob_chunk, checkpointing, param_bytes))
     total = sum(plan.values())
     if verbose:
         frozen = f" ({(n_params - n_trainable) / 1e6:,.1f}M frozen: weights only)" if n_params > n_trainable else ""
@@ -233,6 +270,18 @@ def check_memory(n_params, n_trainable, world_size, param_bytes, activations, to
     if budget and total > 0.9 * budget:
         fail(f"the memory plan ({total / 1e9:.1f} GB) does not fit in 90% of {budget / 1e9:.0f} GB per device: "
              "use more ranks or a smaller model")
+
+
+def quiet(device):
+    """Silence what cannot apply: on a CPU, Qwen3.5's fast linear-attention kernels (CUDA-only) are
+    no news; off a terminal, progress bars are lines of carriage returns."""
+    import logging
+
+    import transformers
+    if "cuda" not in device:
+        logging.getLogger("transformers.integrations.hub_kernels").addFilter(lambda r: "falling back" not in r.getMessage())
+    if not sys.stderr.isatty():
+        transformers.utils.logging.disable_progress_bar()
 
 
 def probe_judge(judge, row, stop):

@@ -1,11 +1,9 @@
 """
 Everything between the model and the loss, as plain functions: a group's stories (sampled, and
-the teacher-forced human reference), collation, chunked per-token log-probabilities, group
-advantages and the GRPO loss. train.py strings them together; tests check each alone.
-
+the teacher-forced human reference), collation, chunked log-probs, advantages, the GRPO loss.
 Sequences are prompt + completion, right-padded; a (B, T-1) `mask` says which next-token
-predictions are trained. Masks are built from lengths, never from token ids: pad may equal eos.
-The derivations behind the loss and the log-probs are in docs/code.md.
+predictions are trained, built from lengths, never from token ids (pad may equal eos).
+Derivations: docs/code.md.
 """
 from dataclasses import dataclass
 
@@ -46,46 +44,34 @@ def eos_ids(model, tok):
     return sorted(set(ids) | {tok.eos_token_id})
 
 
-def reference_tokens(tok, prompt, story, enable_thinking, eos, mask_think=True):
-    """HRI: the tokens the policy would emit after its generation prompt to write `story` as its
-    answer, through the end-of-turn token, and their mask. The whole conversation rendered minus
-    the generation prompt's rendering (template-agnostic). With thinking on, an empty thinking
-    block comes first; mask_think leaves it out of the loss, or a high advantage would teach the
-    policy to stop thinking. Returns (prompt_ids, answer_ids, mask)."""
-    story = story.strip()  # templates may trim the answer; the human story must be found in it
-    user = [dict(role="user", content=prompt)]
+def reference_story(tok, row, enable_thinking, eos, mask_think=True):
+    """HRI: the human story of `row` as a member of its group: the tokens the policy would emit after
+    its generation prompt to write it, through the end-of-turn token (the conversation's rendering
+    minus the generation prompt's). mask_think leaves out the empty thinking block that comes first."""
+    story = row["story"].strip()  # templates may trim the answer; the human story must be found in it
+    user = [dict(role="user", content=row["prompt"])]
     head = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking)
     full = tok.apply_chat_template(user + [dict(role="assistant", content=story)], tokenize=False,
                                    enable_thinking=enable_thinking)
-    if not full.startswith(head):
-        raise ValueError("the chat template's generation prompt is not a prefix of the rendered conversation; "
-                         "cannot build the reference answer")
-    answer = full[len(head):]
+    answer = full[len(head):] if full.startswith(head) else ""
     at = answer.find(story)
     ends = [(answer.find(e, at + len(story)), e) for e in (tok.decode([i]) for i in eos)]
     ends = [(pos, e) for pos, e in ends if pos >= 0]
     if at < 0 or not ends:
-        raise ValueError("the rendered conversation does not contain the story followed by an end-of-turn token")
+        raise ValueError("the chat template does not render the story as the answer to its generation prompt")
     pos, end = min(ends)
     cut = pos + len(end)  # the model never emits the newline the template puts after it
     pre = tok(answer[:at], add_special_tokens=False).input_ids
     body = tok(answer[at:cut], add_special_tokens=False).input_ids
-    mask = [0 if mask_think else 1] * len(pre) + [1] * len(body)
-    return tok(head, add_special_tokens=False).input_ids, pre + body, mask
-
-
-def reference_story(tok, row, enable_thinking, eos, mask_think=True):
-    """The human story of `row` as a member of its group, teacher-forced."""
-    prompt_ids, answer_ids, mask = reference_tokens(tok, row["prompt"], row["story"], enable_thinking, eos, mask_think)
-    return Story(prompt_ids, answer_ids, mask, text=row["story"], is_ref=True)
+    mask = [int(not mask_think)] * len(pre) + [1] * len(body)
+    return Story(tok(head, add_special_tokens=False).input_ids, pre + body, mask, text=row["story"], is_ref=True)
 
 # -----------------------------------------------------------------------------
 # sampling a group
 
 
 class PresencePenalty(LogitsProcessor):
-    """Subtract `penalty` from the logit of every token already generated (not the prompt's),
-    as vLLM and the OpenAI API define presence_penalty."""
+    """Subtract `penalty` from every generated token's logit, as vLLM and OpenAI define it."""
 
     def __init__(self, penalty, prompt_len):
         self.penalty, self.prompt_len = penalty, prompt_len
@@ -95,21 +81,9 @@ class PresencePenalty(LogitsProcessor):
         return scores - self.penalty * seen.to(scores.dtype)
 
 
-# the allowed values of the sampling settings that train.py and eval.py share (configurator.check_ranges)
-SAMPLING_RANGES = dict(max_new_tokens=">= 1", temperature="> 0", top_p="(0, 1]", top_k=">= 0",
-                       repetition_penalty="> 0", presence_penalty="[-2, 2]")
-
-
-def check_sampling(repetition_penalty, presence_penalty):
-    """The model card: use either penalty, never both at once."""
-    if repetition_penalty != 1.0 and presence_penalty != 0.0:
-        raise ValueError(f"repetition_penalty={repetition_penalty} and presence_penalty={presence_penalty}: "
-                         "set one of them to neutral (1.0 / 0.0); the model card says never both at once")
-
-
 def split_thinking(text, enable_thinking, truncated):
-    """-> (thinking, story, truncated_in_thinking). The story is the text after the closing
-    think tag. With thinking on and no closing tag, everything was thinking: empty story."""
+    """-> (thinking, story, truncated_in_thinking): the story follows </think>; with thinking on and
+    no </think>, everything was thinking."""
     if "</think>" in text:
         thinking, story = text.split("</think>", 1)
         return thinking.replace("<think>", "").strip(), story.strip(), False
@@ -119,11 +93,9 @@ def split_thinking(text, enable_thinking, truncated):
 
 
 class RowSampler(LogitsProcessor):
-    """The last logits processor: draws each row's next token from softmax(scores) with the row's
-    own generator and leaves only that token for generate(do_sample=False) to pick. The
-    distribution is generate's own; a row's tokens depend on its seed alone, not on the batch, so
-    1 or 4 ranks sample the same stories. Records each drawn token's log-prob (after penalties,
-    temperature, top-k and top-p) for the loss's importance weights."""
+    """The last logits processor: draws each row's token from softmax(scores) with the row's own
+    generator (a story depends on its seed, not its batch) and leaves only it for generate() to
+    pick; records its log-prob under that distribution for the loss's importance weights."""
 
     def __init__(self, seeds, device):
         self.gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
@@ -137,9 +109,8 @@ class RowSampler(LogitsProcessor):
 
 
 class OnFinish(StoppingCriteria):
-    """Calls on_done(row, completion_ids) the step a row emits its first eos, so that a finished
-    story goes to the judge while longer ones still decode; after each step, on_step(). Stops
-    generation only when should_stop() says so (the run was asked to stop)."""
+    """on_done(row, completion_ids) the step a row emits its first eos (to the judge while longer
+    ones decode), on_step() after each step; stops generation only when should_stop()."""
 
     def __init__(self, eos, prompt_len, on_done, on_step=None, should_stop=None):
         self.eos, self.prompt_len, self.on_done, self.seen = eos, prompt_len, on_done, None
@@ -165,7 +136,6 @@ def sample(model, tok, prompts, seeds, n, eos, max_new_tokens, temperature=1.0, 
     prompts; story j of prompt i is drawn with seed seeds[i] * 1000 + j. on_done(i, j, story) is
     called the step it ends (and after generate() for the truncated ones); on_step() after every
     decoding step; should_stop() True ends generation early, the unfinished stories truncated."""
-    check_sampling(repetition_penalty, presence_penalty)
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
     T = max(map(len, prompts))
     rows = [p for p in prompts for _ in range(n)]
@@ -202,18 +172,21 @@ def sample(model, tok, prompts, seeds, n, eos, max_new_tokens, temperature=1.0, 
 
 
 def collate(stories, pad_id):
-    """Stories -> input_ids, attention_mask (B, T) and mask (B, T-1) over next-token targets:
-    1 where the story's completion mask is 1."""
+    """Stories -> input_ids, attention_mask (B, T), and over next-token targets (B, T-1): the mask,
+    1 where a story's completion mask is 1, and each sampled token's log-prob under the
+    distribution it was drawn from (NaN elsewhere: the reference's tokens were not sampled)."""
     T = max(len(s.prompt_ids) + len(s.completion_ids) for s in stories)
     ids = torch.full((len(stories), T), pad_id, dtype=torch.long)
     attn = torch.zeros(len(stories), T, dtype=torch.long)
-    mask = torch.zeros(len(stories), T - 1)
+    mask, sample_logp = torch.zeros(len(stories), T - 1), torch.full((len(stories), T - 1), float("nan"))
     for b, s in enumerate(stories):
         p, n = len(s.prompt_ids), len(s.prompt_ids) + len(s.completion_ids)
         ids[b, :n] = torch.tensor(s.prompt_ids + s.completion_ids)
         attn[b, :n] = 1
         mask[b, p - 1: n - 1] = torch.tensor(s.mask, dtype=torch.float)  # the target at t is ids[t + 1]
-    return ids, attn, mask
+        if s.sample_logp:
+            sample_logp[b, p - 1: p - 1 + len(s.sample_logp)] = torch.tensor(s.sample_logp)
+    return ids, attn, mask, sample_logp
 
 
 def _softmax_(x):
@@ -225,9 +198,8 @@ def _softmax_(x):
 
 
 class ChunkedLogProb(torch.autograd.Function):
-    """log softmax(h @ W.T / T)[target] for N rows, `chunk` rows at a time, the logits recomputed
-    in backward: one chunk x V buffer instead of several N x V ones (8 GB each at 8k tokens and
-    Qwen's vocabulary). Also each row's entropy, without gradient. docs/code.md derives backward."""
+    """log softmax(h @ W.T / T)[target] and the entropy for N rows, `chunk` rows at a time, the
+    logits recomputed in backward: one chunk x V buffer instead of several N x V ones (8 GB each)."""
 
     @staticmethod
     def forward(ctx, h, W, targets, temperature, chunk):  # h (N, H), W (V, H), targets (N,)
@@ -264,9 +236,8 @@ class ChunkedLogProb(torch.autograd.Function):
 
 
 def token_logprobs(model, input_ids, attention_mask, mask, temperature=1.0, chunk=1024):
-    """(B, T-1) log-probs of each next token and entropies of each next-token distribution, where
-    mask is set (zeros elsewhere), at the sampling temperature: the policy that acted. Through
-    model.model and the LM head's weight, so that the full (B, T, V) logits are never built."""
+    """(B, T-1) log-probs and entropies of each next token where mask is set, at the sampling
+    temperature (the policy that acted), never building the full (B, T, V) logits."""
     h = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
     sel = mask.bool()
     logp, ent = ChunkedLogProb.apply(h[:, :-1][sel], model.get_output_embeddings().weight,
@@ -279,9 +250,8 @@ def token_logprobs(model, input_ids, attention_mask, mask, temperature=1.0, chun
 
 
 def group_advantages(R, scale_rewards="group", eps=1e-4):
-    """R (G,) rewards of one group, reference included -> (A (G,), zero_std). NaN rewards (the judge
-    failed) are left out of the mean and std and get A = 0. scale_rewards='group':
-    (R - mean) / (std + eps); 'none': R - mean (Dr. GRPO). zero_std: the group carries no signal."""
+    """R (G,) -> (A (G,), zero_std): (R - mean) / (std + eps), or R - mean (scale_rewards='none');
+    a NaN reward (the judge failed) is left out and gets 0; zero_std: the group carries no signal."""
     ok = ~torch.isnan(R)
     A = torch.zeros_like(R)
     if ok.sum() < 2:
@@ -296,13 +266,10 @@ def group_advantages(R, scale_rewards="group", eps=1e-4):
 
 def grpo_loss(logp, old_logp, adv, mask, loss_norm, denom, clip_low=0.2, clip_high=0.28, kl_logp=None, kl_coef=0.0,
               is_ref=None, gamma=0.0, is_weight=None):
-    """The clipped policy-gradient loss of one micro-batch per sequence, (B,): logp, old_logp,
-    mask (B, T); adv (B,). On-policy (old_logp = logp.detach()) the ratio is 1 and the gradient
-    -A grad log p. `denom` is counted over every rank and micro-batch, so the sums add up to the
-    batch loss: loss_norm 'token' (DAPO), 'seq' (GRPO) or 'constant' (Dr. GRPO) decides what it is.
-    is_weight (B, T): the truncated importance weights of sampled tokens (1 elsewhere). gamma > 0:
-    the references' (is_ref) tokens take LUFFY's -A p / (p + gamma) in place of the ratio. kl_logp:
-    the frozen initial policy's log-probs, for a k3 KL term."""
+    """The clipped policy-gradient loss per sequence (B,); logp, old_logp, mask (B, T), adv (B,).
+    On-policy the ratio is 1. denom is counted over every rank ('token': DAPO, 'seq': GRPO,
+    'constant': Dr. GRPO). is_weight: truncated importance weights; gamma > 0: LUFFY's -A p/(p+gamma)
+    on the references' (is_ref) tokens; kl_logp: the initial policy's, for a k3 KL term."""
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
     per_tok = -torch.min(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)

@@ -1,17 +1,9 @@
 """
-What a story is worth: the Story Quality rubric, the length score, the reward, the judge's
-prompt and the parser for its replies. Pure functions only, so
-every number the trainer optimises can be read and tested here without a model or a network.
-
-- DIMENSIONS: 16 criteria, 8 positive and 8 negative, each scored 0-10 by the judge, N/A
-  allowed where a criterion cannot apply (dialogue in a story without speech).
-- Story Quality SQ = 10 * (mean(positive) - mean(negative)), in [-100, 100].
-- Length is scored by program, never by the judge: count_words() is the one word count of
-  the whole project, length_score() maps words / target_words to [0, 1], and
-  reward = SQ - length_weight * (1 - length_score). Additive on purpose: multiplying a
-  negative SQ by a length factor would reward missing the length.
-- The parsers return a failure reason instead of a score whenever a reply is ambiguous:
-  a guessed score is worse than no score, because the trainer gives a failure advantage 0.
+What a story is worth, as pure functions: 16 dimensions scored 0-10 by the judge (8 positive,
+8 negative, N/A where one cannot apply), Story Quality SQ = 10 * (mean positive - mean negative)
+in [-100, 100], a length score computed by program, and reward = SQ - length_weight * (1 - length
+score): additive, since multiplying a negative SQ by a length factor would reward missing the
+length. The parser fails instead of guessing: a failure gets advantage 0, a wrong score misleads.
 """
 import hashlib
 import json
@@ -63,9 +55,8 @@ _WORD = re.compile(r"[^\W_]")  # a letter or digit in any script
 
 
 def count_words(text):
-    """The project's one word count: whitespace-separated tokens with a letter or digit in
-    them. "don't" and "well-known" are one word each; a lone "--" or "***" is none. Used by
-    the reward, the data loader, evaluation and data preparation alike."""
+    """The project's one word count: whitespace-separated tokens with a letter or digit in them
+    ("don't" and "well-known" are one word each; a lone "--" is none)."""
     return sum(1 for tok in (text or "").split() if _WORD.search(tok))
 
 
@@ -104,10 +95,9 @@ SYSTEM = ("You are an exacting fiction editor scoring stories for a research ben
 
 
 def boundary_token(*texts):
-    """A token for the story markers that the stories cannot contain, so a story can neither
-    close its own markers nor open a fake second story. Derived from a hash of the texts
-    rather than drawn at random, so the same story gives the same prompt and the judge's
-    disk cache still hits on a resumed run; no text can contain the hash of itself."""
+    """A token for the story markers that the stories cannot contain, so a story can neither close
+    its own markers nor open a fake second one. A hash of the texts, not a random draw, so the same
+    story gives the same prompt and the judge's cache hits on a resumed run."""
     salt = 0
     while True:
         h = hashlib.sha256(json.dumps([salt, *texts]).encode()).hexdigest()[:16]
@@ -167,11 +157,9 @@ _KEYS = {_key(n): n for n in NAMES + ["Overall"]}
 
 
 def reply_lines(text):
-    """(canonical name, value string) for every line shaped like `Name: value`, after
-    stripping markdown (bold, italics, code fences, headings, bullets). A reasoning judge served
-    without a reasoning parser puts its thinking, draft scores included, in the reply: only what
-    follows the last </think> counts, and nothing from an unclosed <think> on (a reply cut while
-    thinking has no answer yet)."""
+    """(name, value) for every line shaped like `Name: value`, markdown stripped. Only what follows
+    the last </think> counts, nothing from an unclosed <think> on: a reasoning judge served without
+    a reasoning parser puts its thinking, draft scores included, in the reply."""
     text = text.rsplit("</think>", 1)[-1].split("<think>", 1)[0]
     for raw in text.splitlines():
         line = re.sub(r"[*_`#]", "", raw).strip()
@@ -182,9 +170,8 @@ def reply_lines(text):
 
 
 def parse_scores(text):
-    """The judge's rubric reply -> ({name: score or None for N/A}, None) or (None, reason).
-    Fails on a missing dimension, a dimension given two different values, a value outside
-    0-10, an A/B verdict where a score belongs, or no scored dimension of one sign."""
+    """The judge's reply -> ({name: score, None for N/A}, None) or (None, reason): a dimension
+    missing, given twice differently, out of 0-10 or not a number, or no scored one of a sign."""
     scores = {}
     for name, val, _ in reply_lines(text):
         if name == "Overall":

@@ -43,6 +43,7 @@ logprob_chunk = 1024  # 1,024 x 248,320 fp32 logits = 1 GB at a time instead of 
 seed = 1337
 tis_cap = 2.0  # presence penalty, top-k and top-p make the sampler differ from the policy: truncated IS weights
 dist_timeout_s = 7200.0  # above the slowest step's wait for the slowest rank: an 8k-token decode plus judge retries
+lock_stale_s = 120.0  # out_dir's lock may be taken over after this long without its run's refresh (a requeue)
 # rollout: the card's recommended sampling, thinking on
 enable_thinking = True
 # Not in the card for training: references reach 4,000 words (~5,400 tokens) and thinking
@@ -58,9 +59,13 @@ judge_url = "https://generativelanguage.googleapis.com/v1beta/openai"
 judge_model = "gemini-3-flash-preview"
 judge_key_env = "GEMINI_API_KEY"  # the variable's name; the key is never logged or saved
 judge_workers = 16  # per rank: a rank judges 12 stories a step, while it generates
-judge_timeout = 300.0
-judge_retries = 6
-judge_reasks = 2
+judge_timeout = 300.0  # one deadline per request, the whole reply included
+judge_retries = 6  # on 429, 5xx, timeouts and cut replies, with backoff up to judge_backoff_max
+judge_backoff_max = 60.0
+judge_reasks = 2  # a reply that does not parse is shown back to the judge this many times
+judge_max_tokens = 8192  # the reply's cap, sent as max_completion_tokens (a provider that rejects it: 0)
+judge_max_reply_bytes = 1_000_000  # a larger reply is a failure, never parsed or cached
+judge_max_fail_frac = 0.5  # a step with more unscored stories than this stops the run before its update
 judge_extra = {"reasoning_effort": "low"}  # the paper used the flex tier: add your provider's field here
 judge_price_in = 0.50  # $ per million tokens, standard tier at the time of writing (flex is cheaper)
 judge_price_out = 3.00

@@ -17,9 +17,8 @@ warmup_steps = 3
 # A random model never closes a thinking block, so every story would be empty; thinking is
 # off here and on in the paper run (tests cover the thinking split and its masking).
 enable_thinking = False
-# One sequence per forward/backward, the smallest peak memory (as before micro-batches had a token
-# budget); --micro_batch_tokens=4096 trains the 12 sequences in 2 passes, ~1.5x faster, for ~+25%
-# peak RSS (bench.py's train rows).
+# One sequence per forward/backward, the smallest peak memory; --micro_batch_tokens=4096 trains
+# the 12 sequences in 2 passes, ~1.5x faster, for ~+25% peak RSS (bench.py's train rows).
 micro_batch_tokens = 1
 max_new_tokens = 96  # the stories ask for ~300-420 words: every rollout is short (length score 0)
 temperature = 1.0

@@ -46,7 +46,8 @@ def test_chat_template_renders_like_qwen35(tok):
 def test_reference_tokens_with_the_qwen35_template(tok, thinking):
     eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
     story = "The ferry left at dawn.\n\nNobody waved."
-    p, a, mask = rollout.reference_tokens(tok, "Write a story.", story, thinking, eos)
+    ref = rollout.reference_story(tok, dict(prompt="Write a story.", story=story), thinking, eos)
+    p, a, mask = ref.prompt_ids, ref.completion_ids, ref.mask
     assert tok.decode([t for t, m in zip(a, mask) if m]) == story + "<|im_end|>", "trained: the story and end of turn"
     assert tok.decode([t for t, m in zip(a, mask) if not m]) == ("\n</think>\n\n" if thinking else ""), \
         "masked: the empty thinking block the template puts before the story"

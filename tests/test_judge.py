@@ -14,6 +14,7 @@ import pytest
 import requests
 
 import judge
+import judge_http
 import local_judge
 import rubric
 
@@ -202,7 +203,7 @@ def test_concurrency_matches_workers(server):
     n, workers, latency = 24, 8, 0.2
     s = server(latency=latency)
     j = make_judge(s.url, workers=workers)
-    results, used = j.score([dict(prompt=PROMPT, target_words=300, story=f"{STORY}\n\nVariant {i}.") for i in range(n)])
+    results, used = judge_http.score(j, [dict(prompt=PROMPT, target_words=300, story=f"{STORY}\n\nVariant {i}.") for i in range(n)])
     j.close()
     assert used["n"] == n and used["failures"] == 0, "all scored"
     # the server counts requests in flight at once: no clock, so no flakiness on a busy machine;
@@ -215,10 +216,10 @@ def test_cache_hit_makes_no_http_call_and_costs_nothing(server, tmp_path):
     s = server()
     rows = [dict(prompt=PROMPT, target_words=300, story=STORY)]
     j = make_judge(s.url, cache_dir=str(tmp_path), price_in=2.0, price_out=10.0)
-    first, used1 = j.score(rows)
+    first, used1 = judge_http.score(j, rows)
     j.close()
     j = make_judge(s.url, cache_dir=str(tmp_path), price_in=2.0, price_out=10.0)
-    second, used2 = j.score(rows)
+    second, used2 = judge_http.score(j, rows)
     j.close()
     assert len(s.requests) == 1, "the second run must be answered from the disk cache"
     assert used1["cost"] == pytest.approx((1000 * 2.0 + 200 * 10.0) / 1e6), "cost from usage and prices"
@@ -263,7 +264,7 @@ def test_local_judge_prefers_real_stories():
         paras = r["story"].split("\n\n")
         variants += [r, dict(r, story=" ".join(words)), dict(r, story="\n\n".join(paras[:1] + [paras[1]] * 5 + paras[2:]))]
     j = judge.Judge("local", "polaris-local")  # starts the local server in-process, real HTTP
-    results, used = j.score(variants)
+    results, used = judge_http.score(j, variants)
     j.close()
     assert used["failures"] == 0, "the local judge's replies must parse"
     for i, r in enumerate(rows):
@@ -328,12 +329,12 @@ def test_wrongly_shaped_cache_entry_is_asked_again(server, tmp_path):
     s = server()
     rows = [dict(prompt=PROMPT, target_words=300, story=STORY)]
     j = make_judge(s.url, cache_dir=str(tmp_path))
-    j.score(rows)
+    judge_http.score(j, rows)
     j.close()
     [entry] = tmp_path.rglob("*.json")
     entry.write_text(json.dumps({"content": 7, "usage": []}))  # valid JSON, wrong shape
     j = make_judge(s.url, cache_dir=str(tmp_path))
-    results, used = j.score(rows)
+    results, used = judge_http.score(j, rows)
     j.close()
     assert len(s.requests) == 2 and used["failures"] == 0 and used["cached"] == 0, "the bad entry was asked again"
     assert json.loads(entry.read_text())["content"].startswith("Analysis"), "and overwritten"
@@ -406,7 +407,7 @@ def test_a_failure_is_never_cached(server, tmp_path, script):
 def test_malformed_usage_is_an_unknown_cost(server, used):
     s = server([("completion", dict(usage=used))])
     j = make_judge(s.url, price_in=2.0, price_out=10.0)
-    results, total = j.score([dict(prompt=PROMPT, target_words=300, story=STORY)])
+    results, total = judge_http.score(j, [dict(prompt=PROMPT, target_words=300, story=STORY)])
     j.close()
     assert results[0]["error"] is None and total["unpriced"] == 1, f"scored, its cost unknown: {results[0]}"
     assert math.isfinite(total["cost"]) and total["cost"] >= 0 and total["tokens_in"] >= 0, f"no NaN or negative cost: {total}"
@@ -473,7 +474,7 @@ def test_a_cache_that_cannot_be_written_is_a_warning(server, tmp_path, capsys):
     blocked = tmp_path / "cache"
     blocked.write_text("a file where the cache's folder should be")  # as a full disk, every write fails
     j = make_judge(s.url, cache_dir=str(blocked))
-    results, used = j.score([dict(prompt=PROMPT, target_words=300, story=f"{STORY}\n\nVariant {i}.") for i in range(3)])
+    results, used = judge_http.score(j, [dict(prompt=PROMPT, target_words=300, story=f"{STORY}\n\nVariant {i}.") for i in range(3)])
     j.close()
     assert used["failures"] == 0 and all(len(r["scores"]) == 16 for r in results), "the stories are scored"
     assert capsys.readouterr().err.count("warning: the judge cache cannot be written") == 1, "said once"

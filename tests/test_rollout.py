@@ -107,7 +107,7 @@ def test_token_logprobs_on_the_model_and_padding_invariance(tiny):
     model, tok = tiny
     torch.manual_seed(1)
     a, b = torch.randint(5, len(tok), (23,)).tolist(), torch.randint(5, len(tok), (40,)).tolist()
-    ids, attn, lm = rollout.collate([story(a[:5], a[5:]), story(b[:5], b[5:])], tok.pad_token_id)
+    ids, attn, lm, _ = rollout.collate([story(a[:5], a[5:]), story(b[:5], b[5:])], tok.pad_token_id)
     lp, _ = rollout.token_logprobs(model, ids, attn, lm, temperature=0.8, chunk=7)
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / 0.8
     naive = logits.log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0] * lm
@@ -115,7 +115,7 @@ def test_token_logprobs_on_the_model_and_padding_invariance(tiny):
     g1 = torch.autograd.grad(lp.sum(), model.lm_head.weight, retain_graph=True)[0]
     g2 = torch.autograd.grad(naive.sum(), model.lm_head.weight)[0]
     assert torch.allclose(g1, g2, atol=1e-5), "LM-head gradients differ"
-    ids1, attn1, lm1 = rollout.collate([story(a[:5], a[5:])], tok.pad_token_id)
+    ids1, attn1, lm1, _ = rollout.collate([story(a[:5], a[5:])], tok.pad_token_id)
     alone = rollout.token_logprobs(model, ids1, attn1, lm1)[0]
     batched = rollout.token_logprobs(model, ids, attn, lm)[0][:1, : alone.shape[1]]
     assert torch.allclose(alone, batched, atol=1e-5), "right padding changed a sequence's log-probs"
@@ -127,7 +127,8 @@ def test_reference_tokens_match_the_template(tiny, thinking):
     model, tok = tiny
     prompt, story = "Write a 20-word story about a ferry.", "The ferry left at dawn.\n\nNobody waved, and she did not look back."
     eos = rollout.eos_ids(model, tok)
-    p, a, mask = rollout.reference_tokens(tok, prompt, story, thinking, eos)
+    ref = rollout.reference_story(tok, dict(prompt=prompt, story=story), thinking, eos)
+    p, a, mask = ref.prompt_ids, ref.completion_ids, ref.mask
     assert p == rollout.render_prompt(tok, prompt, thinking), "the reference follows the policy's own prompt"
     rendered = tok.apply_chat_template([dict(role="user", content=prompt), dict(role="assistant", content=story)],
                                        tokenize=False, enable_thinking=False)
@@ -135,7 +136,7 @@ def test_reference_tokens_match_the_template(tiny, thinking):
         "prompt + reference must be the template's rendering of the conversation, thinking block empty"
     assert tok.decode([t for t, m in zip(a, mask) if m]) == story + "<|im_end|>", "mask covers exactly story + EOS"
     assert a[-1] in eos and len(mask) == len(a), "the reference ends with the end-of-turn token"
-    _, _, unmasked = rollout.reference_tokens(tok, prompt, story, thinking, eos, mask_think=False)
+    unmasked = rollout.reference_story(tok, dict(prompt=prompt, story=story), thinking, eos, mask_think=False).mask
     assert all(unmasked), "ref_mask_think=False trains the whole answer"
 
 
@@ -151,7 +152,7 @@ def test_presence_penalty_and_both_penalties():
     scores = proc(torch.tensor([[3, 4, 5, 5]]), torch.zeros(1, 8))
     assert scores[0].tolist() == [0, 0, 0, 0, 0, -1.5, 0, 0], "only generated tokens are penalised, once"
     with pytest.raises(ValueError, match="never both"):
-        rollout.check_sampling(1.05, 0.5)
+        preflight.check_sampling(1.05, 0.5)
 
 
 def test_sample_stops_at_eos_and_marks_truncation(tiny):
@@ -227,7 +228,7 @@ def test_sampled_tokens_carry_their_log_prob_under_the_sampling_distribution(tin
     eos = [tok.eos_token_id]
 
     def policy(samples, T):  # the raw policy's log-probs of the sampled tokens at temperature T, as the loss sees them
-        ids, attn, mask = rollout.collate([story(p, s.completion_ids) for s in samples],
+        ids, attn, mask, _ = rollout.collate([story(p, s.completion_ids) for s in samples],
                                           tok.pad_token_id)
         with torch.no_grad():
             logp = rollout.token_logprobs(model, ids, attn, mask, T)[0]

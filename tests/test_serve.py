@@ -1,6 +1,7 @@
 """A tiny checkpoint served by `transformers serve` (an OpenAI-compatible server this project did
 not write) on 127.0.0.1, with eval.py's API generation and judge.py's scoring through it."""
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -52,10 +53,13 @@ def test_api_generation_through_transformers_serve(served, tmp_path):
     p, rows = generate(ckpt, url, tmp_path, "off", "--enable_thinking=False")
     assert p.returncode == 0 and len(rows) == 4 and all(r["story"] for r in rows), p.stderr[-2000:]
     assert len({r["story"] for r in rows}) == 4, "sampled, as the checkpoint's generation_config says: not all alike"
-    # thinking on: a random model never closes its thinking block, so the server returns it all
-    # as reasoning_content and an empty answer: reported, nothing written
+    # thinking on: a random model seldom closes its thinking block (the server samples unseeded, so
+    # now and then one does), and the server returns it all as reasoning_content and an empty
+    # answer: each such generation reported, none written
     p, rows = generate(ckpt, url, tmp_path, "on", "--enable_thinking=True")
-    assert p.returncode != 0 and "4 of 4 generations came back without a story" in p.stderr and not rows, p.stderr[-2000:]
+    missed = re.search(r"(\d) of 4 generations came back without a story", p.stderr)
+    assert p.returncode != 0 and missed and int(missed.group(1)) >= 2, p.stderr[-2000:]
+    assert len(rows) == 4 - int(missed.group(1)) and all(r["story"] for r in rows), "only stories are written"
     # logit_bias (an OpenAI request field the server applies) makes </think> likely, as a trained
     # model's would be: the server splits the thinking out, eval.py reads both parts
     from transformers import AutoTokenizer
