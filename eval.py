@@ -404,7 +404,8 @@ if __name__ == "__main__":
     max_chars = 0  # pairwise: cut each story to this many characters (0: whole), against length bias
     anchor = ""  # elo: 'NAME:RATING'
     n_boot = 1000
-    # generation: the model card's settings
+    # generation: within the card's recommended ranges; no presence penalty (the card allows 0.0-1.5;
+    # training uses 1.0 against loops in long rollouts, evaluation measures the model as it is)
     model = ""  # a checkpoint folder or hub id, or the model name at api_url
     name = ""  # the model's name in the tables (default: the folder's or model's name)
     api_url = ""  # '' generates locally with transformers; else an OpenAI-compatible base URL

@@ -23,7 +23,7 @@ from judge_http import DEFAULTS, RANGES, JudgeError, JudgeFatal, stop  # noqa: F
 
 
 class Judge:
-    """Scores stories concurrently: submit() returns a Future. url ends in /v1 (a ?key=... kept,
+    """Scores stories concurrently: submit() returns a Future. url is the base (…/v1; a ?key=... kept,
     shown as ?key=***), or 'local'; key_env names the variable holding the key, sent only as a
     header; timeout is one deadline per request, body included; extra: body fields passed through."""
 

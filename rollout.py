@@ -71,7 +71,7 @@ def reference_story(tok, row, enable_thinking, eos, mask_think=True):
 
 
 class PresencePenalty(LogitsProcessor):
-    """Subtract `penalty` from every generated token's logit, as vLLM and OpenAI define it."""
+    """Subtract `penalty` from the logit of each token already generated, as vLLM and OpenAI do."""
 
     def __init__(self, penalty, prompt_len):
         self.penalty, self.prompt_len = penalty, prompt_len
@@ -109,8 +109,8 @@ class RowSampler(LogitsProcessor):
 
 
 class OnFinish(StoppingCriteria):
-    """on_done(row, completion_ids) the step a row emits its first eos (to the judge while longer
-    ones decode), on_step() after each step; stops generation only when should_stop()."""
+    """on_done(row, completion_ids) at the decoding step a row emits its first eos (to the judge
+    while longer ones decode), on_step() after each; stops generation only when should_stop()."""
 
     def __init__(self, eos, prompt_len, on_done, on_step=None, should_stop=None):
         self.eos, self.prompt_len, self.on_done, self.seen = eos, prompt_len, on_done, None
@@ -266,7 +266,7 @@ def group_advantages(R, scale_rewards="group", eps=1e-4):
 
 def grpo_loss(logp, old_logp, adv, mask, loss_norm, denom, clip_low=0.2, clip_high=0.28, kl_logp=None, kl_coef=0.0,
               is_ref=None, gamma=0.0, is_weight=None):
-    """The clipped policy-gradient loss per sequence (B,); logp, old_logp, mask (B, T), adv (B,).
+    """The clipped policy-gradient loss per sequence (B,); logp, old_logp, mask (B, T-1), adv (B,).
     On-policy the ratio is 1. denom is counted over every rank ('token': DAPO, 'seq': GRPO,
     'constant': Dr. GRPO). is_weight: truncated importance weights; gamma > 0: LUFFY's -A p/(p+gamma)
     on the references' (is_ref) tokens; kl_logp: the initial policy's, for a k3 KL term."""

@@ -157,7 +157,7 @@ _KEYS = {_key(n): n for n in NAMES + ["Overall"]}
 
 
 def reply_lines(text):
-    """(name, value) for every line shaped like `Name: value`, markdown stripped. Only what follows
+    """(name, value, has '/10') for every line shaped like `Name: value`, markdown stripped. Only what follows
     the last </think> counts, nothing from an unclosed <think> on: a reasoning judge served without
     a reasoning parser puts its thinking, draft scores included, in the reply."""
     text = text.rsplit("</think>", 1)[-1].split("<think>", 1)[0]

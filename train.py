@@ -46,7 +46,7 @@ from optim import ShardedAdamW
 from preflight import fail
 
 # -----------------------------------------------------------------------------
-# default config: the paper run (config/polaris.py repeats it with the reasons)
+# default config: the paper run's recipe (config/polaris.py sets every key, with the reasons, and its data)
 # I/O
 out_dir = "out/polaris"
 save_interval = 20  # checkpoint every this many steps, and at the end
@@ -88,7 +88,7 @@ repetition_penalty, presence_penalty = 1.0, 1.0
 judge_url, judge_model = "https://generativelanguage.googleapis.com/v1beta/openai", "gemini-3-flash-preview"
 judge_key_env = "GEMINI_API_KEY"  # the variable's name; the key is never logged or saved
 judge_workers, judge_timeout, judge_backoff_max = 16, 300.0, 60.0  # threads per rank; seconds per request, per wait
-judge_retries, judge_reasks = 6, 2  # on 429, 5xx, timeouts and cut replies; on a reply that does not parse
+judge_retries, judge_reasks = 6, 2  # on 429, 5xx, timeouts and bodies cut on the wire; on a reply that does not parse
 judge_extra = {"reasoning_effort": "low"}  # passed through in the request body
 judge_max_tokens, judge_max_reply_bytes = 8192, 1_000_000  # the reply's cap in tokens (0: none); larger bodies fail
 judge_max_fail_frac = 0.5  # stop the run when more of a step's stories than this could not be scored
@@ -97,6 +97,7 @@ length_weight = 25.0  # reward = SQ - length_weight * (1 - length score)
 # -----------------------------------------------------------------------------
 config = configure(globals())
 safe_config = {k: redact_url(v) if isinstance(v, str) else v for k, v in config.items()}  # no key from a URL is stored
+plain_sampling = presence_penalty == 0 and repetition_penalty == 1 and top_k == 0 and top_p == 1  # the policy's own
 ddp = int(os.environ.get("RANK", -1)) != -1  # torchrun sets RANK
 ddp_rank = int(os.environ.get("RANK", 0))
 ddp_local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -148,8 +149,8 @@ preflight.check_memory(model, model_config, ddp_world_size, ptdtype.itemsize, ve
                        tokens=max(micro_batch_tokens, longest), logprob_chunk=logprob_chunk,
                        checkpointing=gradient_checkpointing, budget=device_memory_gb * 1e9 or (
                            torch.cuda.get_device_properties(device).total_memory if "cuda" in device else 0))
-preflight.probe_judge(judge, rows[0], stop)
 release_lock = preflight.take_lock(out_dir, lock_stale_s) if master_process else (lambda: None)  # before any write
+preflight.probe_judge(judge, rows[0], stop)
 if init_from == "tiny" and not ckpt:
     if master_process:  # the tiny run's base model: its checkpoints' format, and evaluation's baseline
         model.save_pretrained(base_dir)
@@ -228,7 +229,7 @@ def stop_run(done, where, why=None):
     if done > saved and not why:
         save_checkpoint(done)
     if master_process:
-        print(f"error: {where}: {why}" if why else f"error: stopped by {stop[0]} {where}: " + (
+        print(f"error: {where}: {why}" if why else f"error: stopped by {(stop or ['a signal to another rank'])[0]} {where}: " + (
             f"{out_dir}/ckpt_{done:06d} holds step {done}; run the same command with --resume=auto to continue"
             if done else "no step was completed; run the same command to start again"), file=sys.stderr, flush=True)
     release_lock()
@@ -242,7 +243,6 @@ def save_checkpoint(step):
 
 # -----------------------------------------------------------------------------
 # the loop
-plain_sampling = presence_penalty == 0 and repetition_penalty == 1 and top_k == 0 and top_p == 1
 ref_cache = {}  # row id -> its reference Story, built once
 saved, t_ckpt = start_step, 0.0  # the newest checkpoint's step; seconds the last one took
 for step in range(start_step, max_steps):
@@ -254,7 +254,7 @@ for step in range(start_step, max_steps):
     pending = []  # (story, the judge's future)
     model.eval()
 
-    def to_judge(i, j, story):
+    def to_judge(i, j, story):  # story j of this rank's group i has ended
         if not stop:
             pending.append((story, judge.submit(my_rows[i][1]["prompt"], my_rows[i][1]["target_words"], story.text)))
     bar = tqdm(total=max_new_tokens, desc=f"step {step + 1}: decoding", unit="tok", leave=False,
@@ -285,14 +285,14 @@ for step in range(start_step, max_steps):
         pass  # woken twice a second to see a stop signal
     for story, future in pending if not stop else []:
         story.judged = future.result()
-    mine = (len(pending), collections.Counter(s.judged["error"] for s, _ in pending if not stop and s.judged["error"]),
-            sum(not stop and s.judged["fatal"] for s, _ in pending), len(stop))  # asked, why failed, fatal, stop
+    mine = dict(asked=len(pending), fatal=sum(not stop and s.judged["fatal"] for s, _ in pending), stop=len(stop),
+                errors=collections.Counter(s.judged["error"] for s, _ in pending if not stop and s.judged["error"]))
     health = [mine]
     if ddp:
         health = [None] * ddp_world_size
         dist.all_gather_object(health, mine)  # every rank decides alike
-    asked, fatal, stopping = (sum(h[k] for h in health) for k in (0, 2, 3))
-    errors = sum((h[1] for h in health), collections.Counter())
+    asked, fatal, stopping = (sum(h[k] for h in health) for k in ("asked", "fatal", "stop"))
+    errors = sum((h["errors"] for h in health), collections.Counter())
     if stopping:
         stop_run(step, f"in step {step + 1} (abandoned before its update)")
     if fatal or errors.total() > judge_max_fail_frac * asked:
@@ -333,11 +333,11 @@ for step in range(start_step, max_steps):
             old_logps = [rollout.token_logprobs(model, *(t.to(device) for t in rollout.collate(mb, tok.pad_token_id)[:3]),
                                                 temperature=temperature, chunk=logprob_chunk)[0] for mb in micro]
     acc["lr"] = lr = learning_rate * min(1.0, (step + 1) / max(1, warmup_steps))  # linear warmup, then constant
-    for it in range(num_iterations):
+    for it in range(num_iterations):  # steps 5 and 6 once, on-policy; num_iterations > 1 reuses the batch
         for k, mb in enumerate(micro):
             sums = micro_batch_loss(mb, old_logps[k], denom, padding=k >= len(micro) - idle)
-            acc.update({k: v / num_iterations for k, v in sums.items() if k.startswith("loss_")})
-            acc.update({k: v for k, v in sums.items() if it == 0 and not k.startswith("loss_")})
+            acc.update({key: v / num_iterations for key, v in sums.items() if key.startswith("loss_")})
+            acc.update({key: v for key, v in sums.items() if it == 0 and not key.startswith("loss_")})
 
         # 6. update over ranks: the global gradient norm, clipping, the sharded AdamW
         t3 = time.time()
