@@ -1,7 +1,7 @@
 """
 Evaluation: the paper's three tables for your checkpoints and for API models.
 
-    # 1. stories for the 60 held-out prompts, from a checkpoint or any OpenAI-compatible endpoint
+    # 1. stories for the 180 held-out prompts, from a checkpoint or any OpenAI-compatible endpoint
     python eval.py --task=generate --model=out/tiny/ckpt_000060 --out=out/eval/tiny.jsonl
     python eval.py --task=generate --model=gpt-5.4 --api_url=https://api.openai.com/v1 \\
         --api_key_env=OPENAI_API_KEY --out=out/eval/gpt.jsonl
