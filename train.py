@@ -350,9 +350,10 @@ for step in range(start_step, max_steps):
         acc["t_sync"] += time.time() - t3
     acc["t_train"] = time.time() - t2 - acc["t_sync"]
 
-    m, stopping = checkpoint.log_step(out_dir, step, max_steps, groups, ids=[(gid, row["id"]) for gid, row in my_rows],
+    run["phase"] = "writing the step's logs and checkpoint"
+    _, stopping = checkpoint.log_step(out_dir, step, max_steps, groups, ids=[(gid, row["id"]) for gid, row in my_rows],
                                       acc=acc, stopping=len(stop), rank=ddp_rank, world=ddp_world_size, wandb=wandb_run)
-    run["phase"], t_ckpt = "writing a checkpoint", time.time()  # logged with the next step
+    t_ckpt = time.time()  # logged with the next step
     if (step + 1) % save_interval == 0 or step + 1 == max_steps:
         save_checkpoint(step + 1)
         saved = step + 1

@@ -214,6 +214,7 @@ def test_sigterm_while_generating_then_the_same_command_continues(tmp_path):
     cmd = [sys.executable, "train.py", "config/tiny.py", f"--out_dir={run}", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     wait_for(run / "metrics.jsonl", proc)
+    time.sleep(0.5)  # past step 1's checkpoint, well inside step 2's 300-token decode
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "SIGTERM while generating" in err, err[-2000:]
