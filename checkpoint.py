@@ -163,7 +163,7 @@ def save(out_dir, step, model, opt, base_dir, state, keep_last, rank=0, world=1)
                  "with --resume=auto")
 
 
-def restore(ckpt, opt, rank, world, out_dir):
+def restore(ckpt, step, opt, rank, world, out_dir):
     """Load every rank's optimizer shard of `ckpt` (memory-mapped: each rank copies only what it
     owns now) and, on the same world size, this rank's RNG states; the master drops the logs' rows
     written after the checkpoint, or stops with the logs untouched when it cannot (a full disk)."""
@@ -173,7 +173,7 @@ def restore(ckpt, opt, rank, world, out_dir):
         random.setstate(shards[rank]["rng"]["python"])
         np.random.set_state(shards[rank]["rng"]["numpy"])
         torch.set_rng_state(shards[rank]["rng"]["torch"].cpu())
-    err = rank == 0 and trim_logs(out_dir, torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)["step"])
+    err = rank == 0 and trim_logs(out_dir, step)
     if err:
         sys.exit(f"error: {err}; the logs are unchanged. Free some space and run the same command again")
 

@@ -172,7 +172,7 @@ opt = ShardedAdamW([p for p in model.parameters() if p.requires_grad], ddp_world
                    (beta1, beta2), weight_decay=weight_decay, piece_numel=piece_numel)
 start_step = state.get("step", 0)
 if ckpt:  # the optimizer's fp32 state and the weights from it; the logs' rows after the checkpoint dropped
-    checkpoint.restore(ckpt, opt, rank=ddp_rank, world=ddp_world_size, out_dir=out_dir)
+    checkpoint.restore(ckpt, start_step, opt, rank=ddp_rank, world=ddp_world_size, out_dir=out_dir)
 if ddp:
     preflight.check_ranks(start_step, data_sha, ddp_world_size)
 run_id = checkpoint.prepare(out_dir, state) if master_process else None  # the run's id, kept across resumes
