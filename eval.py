@@ -1,5 +1,6 @@
 """
-Evaluation: the paper's three tables for your checkpoints and for API models.
+Evaluation: the paper's tables for your checkpoints and for API models, the blinded human study,
+and the pages that show the stories.
 
     # 1. stories for the 180 held-out prompts, from a checkpoint or any OpenAI-compatible endpoint
     python eval.py --task=generate --model=out/tiny/ckpt_000060 --out=out/eval/tiny.jsonl
@@ -7,29 +8,44 @@ Evaluation: the paper's three tables for your checkpoints and for API models.
         --api_key_env=OPENAI_API_KEY --out=out/eval/gpt.jsonl
     # 2. Story Quality and length ratio by requested length (judge: config/eval.py, GPT-5.4)
     python eval.py config/eval.py --task=score --gens=out/eval/tiny.jsonl,out/eval/base.jsonl
-    # 3. dual-position pairwise judging, win rates, Bradley-Terry Elo, and the report
+    # 3. dual-position pairwise judging, win rates, Bradley-Terry Elo
     python eval.py config/eval.py --task=pairwise --gens=out/eval/tiny.jsonl,out/eval/base.jsonl
     python eval.py --task=elo --pairs=out/eval/pairs.jsonl --anchor=base:1000 --out=out/eval/ratings.json
-    python eval.py --task=report --gens=out/eval/tiny.jsonl,out/eval/base.jsonl --pairs=out/eval/pairs.jsonl
+    # 4. the human study: sampled once, then one annotation page per annotator
+    python eval.py --task=study --gens=out/eval/tiny.jsonl,out/eval/base.jsonl --n=60 --out=out/study/study.jsonl
+    python eval.py --task=annotate --study=out/study/study.jsonl --annotator=alice [--port=8800]
+    # 5. the report: report.md and a self-contained report.html beside it
+    python eval.py --task=report --gens=out/eval/tiny.jsonl,out/eval/base.jsonl --annotations=out/study/annotations
+    # 6. a training run in the browser
+    python eval.py --task=rollouts --run=out/tiny [--port=8801]
 
 Every output is JSONL written a row at a time and resumable: rows already there are skipped,
 and an interrupted run's half-written last line is dropped, never the rest of the file.
 
-The statistics are plain functions above the `__main__` guard so that tests can import them;
-the guard is the one difference from train.py's top-to-bottom style.
+The statistics are plain functions and each task a small function above the `__main__` guard,
+so that tests can import them; the guard is the one difference from train.py's top-to-bottom style.
 """
+import datetime
+import glob
+import hashlib
 import json
 import math
 import os
+import re
 import signal
 import sys
+import threading
+import time
 from itertools import combinations
 
 import numpy as np
 
+import judge as judge_lib
 import judge_http
+import pages
 import preflight
 import rubric
+from configurator import redact_url
 
 # -----------------------------------------------------------------------------
 # requested-length buckets, bootstrap, dual position, Bradley-Terry
@@ -166,14 +182,75 @@ def bradley_terry(battles, models, anchor=None, ridge=1e-6):
     shift = anchor[1] - R[idx[anchor[0]]] if anchor else 1000 - R.mean()
     return {m: float(R[idx[m]] + shift) for m in models}
 
+
+# the human study: people's votes, their agreement, and the judge's agreement with them
+
+
+def wilson(rate, n, z=1.96):
+    """Wilson's 95% score interval for a rate over n units (ties already counted as half)."""
+    if not n:
+        return (math.nan, math.nan)
+    mid, half = rate + z * z / (2 * n), z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return ((mid - half) / (1 + z * z / n), (mid + half) / (1 + z * z / n))
+
+
+def kappa(first, second, labels):
+    """Cohen's kappa of two raters' labels for the same items: (p_o - p_e) / (1 - p_e)."""
+    n = len(first)
+    p_o = sum(a == b for a, b in zip(first, second)) / n
+    p_e = sum(first.count(c) * second.count(c) for c in labels) / (n * n)
+    return (p_o - p_e) / (1 - p_e) if p_e < 1 else math.nan
+
+
+def agreement(first, second):
+    """Share of equal outcomes with ties, and (share, n) without: items where either said tie left out."""
+    both = [(a, b) for a, b in zip(first, second) if "tie" not in (a, b)]
+    share = lambda ps: sum(a == b for a, b in ps) / len(ps) if ps else math.nan
+    return share(list(zip(first, second))), share(both), len(both)
+
+
+def human_study(votes, order=(), judged=None, n_boot=1000):
+    """votes: [(annotator, prompt id, model shown as A, model shown as B, 'A' | 'B' | 'tie')].
+    Per model pair (x, y), x the earlier in `order`: x's win rate with ties as half, the item as
+    the unit (an item's score is the mean of its annotators' votes), a 95% bootstrap interval over
+    items and Wilson's (n = items); agreement between every two annotators (with ties, without,
+    Cohen's kappa over x / y / tie); and, given judged {(id, frozenset pair): winner or 'tie'} (the
+    LLM judge's dual-position verdicts), the judge's agreement with each vote on the same items."""
+    rank = lambda m: (order.index(m) if m in order else len(order), m)
+    items = {}  # (x, y) -> {id: {annotator: winner or 'tie'}}
+    for who, i, ma, mb, choice in votes:
+        x, y = sorted((ma, mb), key=rank)
+        items.setdefault((x, y), {}).setdefault(i, {})[who] = {"A": ma, "B": mb}.get(choice, "tie")
+    out = []
+    for (x, y), by_item in sorted(items.items(), key=lambda kv: (rank(kv[0][0]), rank(kv[0][1]))):
+        points = {x: 1.0, y: 0.0, "tie": 0.5}
+        per_item = [float(np.mean([points[w] for w in v.values()])) for v in by_item.values()]
+        rate = float(np.mean(per_item))
+        people = sorted({w for v in by_item.values() for w in v})
+        pairs = []
+        for p, q in combinations(people, 2):
+            common = [v for v in by_item.values() if p in v and q in v]
+            if common:
+                a, b = [v[p] for v in common], [v[q] for v in common]
+                pairs.append(dict(annotators=(p, q), items=len(common), agreement=agreement(a, b),
+                                  kappa=kappa(a, b, (x, y, "tie"))))
+        seen = [(w, judged[(i, frozenset((x, y)))]) for i, v in by_item.items() for w in v.values()
+                if judged and (i, frozenset((x, y))) in judged]
+        out.append(dict(x=x, y=y, rate=rate, ci=bootstrap_ci(per_item, np.mean, n_boot), wilson=wilson(rate, len(per_item)),
+                        items=len(per_item), annotators=people, votes=sum(len(v) for v in by_item.values()),
+                        wins=sum(s > 0.5 for s in per_item), ties=sum(s == 0.5 for s in per_item),
+                        losses=sum(s < 0.5 for s in per_item), between=pairs,
+                        judge=(len(seen), *agreement([h for h, _ in seen], [j for _, j in seen])) if seen else None))
+    return out
 # -----------------------------------------------------------------------------
 # files
 
 
-def read_jsonl(path, must_exist=False, numbered=False):
+def read_jsonl(path, must_exist=False, numbered=False, repair=True):
     """Complete rows of a JSONL file; an interrupted writer's half line at the end is dropped
-    (and removed from the file, so appending continues cleanly). Missing file: [] for an
-    output being resumed, an error for an input the user named (must_exist=True).
+    (and, with repair, removed from the file, so appending continues cleanly; never repair a
+    file another process may be writing). Missing file: [] for an output being resumed, an
+    error for an input the user named (must_exist=True).
     numbered=True: (line number, row) pairs, for messages that name the line."""
     if not os.path.exists(path):
         if must_exist:
@@ -189,11 +266,26 @@ def read_jsonl(path, must_exist=False, numbered=False):
         except json.JSONDecodeError:
             if k < len(lines) - 1:
                 raise ValueError(f"{path}:{k + 1}: invalid JSON")
-            print(f"{path}: dropping a half-written last line from an interrupted run")
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r[1] if numbered else r) + "\n" for r in rows)
-            os.replace(path + ".tmp", path)
+            if repair:
+                print(f"{path}: dropping a half-written last line from an interrupted run")
+                write_jsonl(path, [r[1] for r in rows] if numbered else rows)
     return rows
+
+
+def write_jsonl(path, rows):
+    """The whole file at once: written beside it, flushed to disk, then swapped in, so that a
+    crash or a full disk leaves the old file or the new one, never half of either."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
+    os.replace(path + ".tmp", path)
 
 
 def read_gens(files):
@@ -230,9 +322,7 @@ def drop_failed(path, failed):
     keep = [r for r in rows if not failed(r)]
     if len(keep) < len(rows):
         print(f"{path}: asking again for {len(rows) - len(keep)} failed judgement(s)")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
-        os.replace(path + ".tmp", path)
+        write_jsonl(path, keep)
     return keep
 
 
@@ -253,9 +343,20 @@ def read_pairs(paths, must_exist=True):
     return rows
 
 
-def append_jsonl(path, row):
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+def append_jsonl(path, row, sync=False):
+    """Append one row; sync: flushed to disk at once, and a failed write (a full disk) leaves
+    the file as it was instead of a half line."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError:
+        if sync and os.path.exists(path):
+            os.truncate(path, size)
+        raise
 
 
 def scores_path(gens):
@@ -277,39 +378,94 @@ def shared_ids(files, allow_intersection):
         print(f"comparing on the {len(common)} prompt ids shared by all files ({len(union) - len(common)} left out)")
     return sorted(common)
 
+
+def read_study(path):
+    """A study file's items (python eval.py --task=study writes them), each checked."""
+    items = []
+    for line, r in read_jsonl(path, must_exist=True, numbered=True, repair=False):
+        stories = r.get("stories") if isinstance(r, dict) else None
+        if not (isinstance(stories, list) and isinstance(r.get("item"), int) and "id" in r and isinstance(r.get("prompt"), str)
+                and len(stories) == 2 and all(isinstance(s, dict) and isinstance(s.get("model"), str)
+                                              and isinstance(s.get("story"), str) for s in stories)
+                and stories[0]["model"] != stories[1]["model"]):
+            raise ValueError(f"{path}:{line}: a study item needs item, id, prompt and two stories by two models "
+                             "(python eval.py --task=study writes them)")
+        items.append(r)
+    if not items:
+        raise ValueError(f"{path}: no items")
+    return items
+
+
+def read_annotations(folder):
+    """Every annotator's choices in folder, one NAME.jsonl each, checked: [(annotator, prompt
+    id, model shown as A, model shown as B, 'A' | 'B' | 'tie')]. Read only: a page may be writing."""
+    files = sorted(glob.glob(os.path.join(folder, "*.jsonl")))
+    if not files:
+        raise ValueError(f"{folder}: no annotation files (NAME.jsonl, written by --task=annotate)")
+    votes = []
+    for f in files:
+        for line, r in read_jsonl(f, numbered=True, repair=False):
+            if not (isinstance(r, dict) and "id" in r and r.get("choice") in ("A", "B", "tie")
+                    and all(isinstance(r.get(k), str) and r[k] for k in ("model_a", "model_b"))):
+                raise ValueError(f"{f}:{line}: an annotation needs id, model_a, model_b and a choice A, B or tie")
+            votes.append((os.path.basename(f)[: -len(".jsonl")], r["id"], r["model_a"], r["model_b"], r["choice"]))
+    return votes
 # -----------------------------------------------------------------------------
-# tables
+# tables: each a (head, rows) pair, printed as markdown and shown as HTML
+
+
+def md_table(head, rows):
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+                     + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def ci_text(m, ci, n, f=".1f"):
+    return f"{m:{f}} [{ci[0]:{f}}, {ci[1]:{f}}] (n={n})" if n else "-"
+
+
+def scored_rows(gens_file):
+    """The judge's rows of a generation file (--task=score wrote them), by prompt id."""
+    scored = read_jsonl(scores_path(gens_file))
+    if not scored:
+        raise ValueError(f"{scores_path(gens_file)}: no scores; run --task=score first")
+    return {r["id"]: r for r in scored}
 
 
 def quality_table(gens_files, n_boot=1000):
-    """Per model: mean SQ per requested-length bucket and the length ratio at far OOD, each
-    with a 95% bootstrap CI over prompts, and the count of judge failures (left out)."""
+    """Per model: mean SQ and the length ratio per requested-length bucket, each with a 95%
+    bootstrap CI over prompts and its count, and the count of judge failures (left out)."""
     rows = []
     for f in gens_files:
-        scored = read_jsonl(scores_path(f))
-        if not scored:
-            raise ValueError(f"{scores_path(f)}: no scores; run --task=score first")
-        name = scored[0].get("model") or os.path.basename(f)
-        out = dict(model=name, failures=sum(r.get("error") is not None for r in scored))
+        scored = list(scored_rows(f).values())
+        out = dict(model=scored[0].get("model") or os.path.basename(f), failures=sum(r.get("error") is not None for r in scored),
+                   sq={}, ratio={})
         for b, _ in BUCKETS:
-            v = [r["sq"] for r in scored if bucket(r["target_words"]) == b and r.get("error") is None]
-            out[b] = (float(np.mean(v)) if v else math.nan, bootstrap_ci(v, np.mean, n_boot), len(v))
-        far = [r["ratio"] for r in scored if bucket(r["target_words"]) == BUCKETS[-1][0]]
-        out["ratio"] = (float(np.mean(far)) if far else math.nan, bootstrap_ci(far, np.mean, n_boot), len(far))
+            for key, ok in (("sq", lambda r: r.get("error") is None), ("ratio", lambda r: True)):
+                v = [r[key] for r in scored if bucket(r["target_words"]) == b and ok(r)]
+                out[key][b] = (float(np.mean(v)) if v else math.nan, bootstrap_ci(v, np.mean, n_boot), len(v))
         rows.append(out)
     return rows
 
 
-def format_quality(rows):
-    fmt = lambda m, ci, n: f"{m:.1f} [{ci[0]:.1f}, {ci[1]:.1f}] (n={n})" if n else "-"
-    head = "| model | " + " | ".join(f"SQ {b}" for b, _ in BUCKETS) + " | length ratio 8-12k | judge failures |"
-    lines = [head, "|" + " --- |" * (len(BUCKETS) + 3)]
-    for r in rows:
-        ratio = r["ratio"]
-        lines.append(f"| {r['model']} | " + " | ".join(fmt(*r[b]) for b, _ in BUCKETS) +
-                     (f" | {ratio[0]:.2f} [{ratio[1][0]:.2f}, {ratio[1][1]:.2f}]" if ratio[2] else " | -") +
-                     f" | {r['failures']} |")
-    return "\n".join(lines)
+def quality_rows(table):
+    far = BUCKETS[-1][0]
+    return (["model"] + [f"SQ {b}" for b, _ in BUCKETS] + ["length ratio 8-12k", "judge failures"],
+            [[r["model"]] + [ci_text(*r["sq"][b]) for b, _ in BUCKETS] + [ci_text(*r["ratio"][far], f=".2f"), r["failures"]]
+             for r in table])
+
+
+def category_rows(gens_by_file):
+    """Mean SQ (n) per writing category and model, when the prompts carry a category."""
+    sq = {}  # category -> model -> [SQ]
+    for f, (name, rows) in gens_by_file.items():
+        scored = scored_rows(f)
+        for r in rows:
+            s = scored.get(r["id"])
+            if r.get("category") and s and s.get("error") is None:
+                sq.setdefault(r["category"], {}).setdefault(name, []).append(s["sq"])
+    models = [name for name, _ in gens_by_file.values()]
+    return ["category"] + models, [[c] + [f"{np.mean(by[m]):.1f} (n={len(by[m])})" if m in by else "-" for m in models]
+                                   for c, by in sorted(sq.items())]
 
 
 def battles_by_prompt(pairs):
@@ -347,18 +503,22 @@ def elo_table(pairs, anchor=None, n_boot=200, seed=0):
     # a model that won (or lost) every comparison has no finite maximum-likelihood rating: the
     # ridge alone then sets its distance, so the number is flagged rather than trusted
     return {m: dict(rating=ratings[m], ci=[float(np.percentile([r[m] for r in boot], q)) for q in (2.5, 97.5)],
-                    n=n[m], unbounded=points[m] in (0, n[m])) for m in sorted(models, key=lambda m: -ratings[m])}
+                    n=n[m], points=points[m], unbounded=points[m] in (0, n[m])) for m in sorted(models, key=lambda m: -ratings[m])}
 
 
-def format_elo(table):
-    lines = ["| rank | model | Elo | 95% CI | comparisons |", "| --- | --- | --- | --- | --- |"]
+ELO_NOTE = ("A model that won every one of its comparisons, or lost every one, has no finite Bradley-Terry rating: "
+            "the data say which side of the others it lies on, not how far. It is shown without a number; "
+            "compare it with stronger or weaker peers to rate it.")
+
+
+def elo_rows(table):
+    rows = []
     for k, (m, r) in enumerate(table.items(), 1):
-        flag = " (unbounded)" if r["unbounded"] else ""
-        lines.append(f"| {k} | {m} | {r['rating']:.0f}{flag} | [{r['ci'][0]:.0f}, {r['ci'][1]:.0f}] | {r['n']} |")
-    if any(r["unbounded"] for r in table.values()):
-        lines.append("\n(unbounded): won or lost every comparison, so the data set no finite rating; "
-                     "only the ordering is meaningful. Add stronger or weaker peers.")
-    return "\n".join(lines)
+        if r["unbounded"]:
+            rows.append([k, m, f"not bounded: {'won' if r['points'] else 'lost'} all {r['n']} comparisons", "-", r["n"]])
+        else:
+            rows.append([k, m, f"{r['rating']:.0f}", f"[{r['ci'][0]:.0f}, {r['ci'][1]:.0f}]", r["n"]])
+    return ["rank", "model", "Elo", "95% CI", "comparisons"], rows
 
 
 def win_table(pairs, n_boot=1000):
@@ -378,25 +538,365 @@ def win_table(pairs, n_boot=1000):
     return rows
 
 
-def format_wins(rows):
-    lines = ["| model A | vs model B | win rate of A | 95% CI | W / T / L | missing |", "| --- | --- | --- | --- | --- | --- |"]
+def win_rows(table):
+    return (["model A", "vs model B", "win rate of A", "95% CI", "W / T / L", "missing"],
+            [[r["a"], r["b"], f"{r['rate']:.3f}", f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]",
+              f"{r['wins']} / {r['ties']} / {r['losses']}", r["missing"]] for r in table])
+
+
+def judge_verdicts(pairs):
+    """{(prompt id, frozenset of the two models): the winner's name or 'tie'} from pairs rows."""
+    return {(r["id"], frozenset((r["model_a"], r["model_b"]))): {"a": r["model_a"], "b": r["model_b"]}.get(r["winner"], "tie")
+            for r in pairs if r["winner"] is not None}
+
+
+def human_rows(study):
+    pct = lambda x: f"{100 * x:.1f}%" if math.isfinite(x) else "-"
+    interval = lambda ci: f"[{pct(ci[0])}, {pct(ci[1])}]"
+    pref = (["model", "vs", "preferred (ties half)", "95% CI, bootstrap over items", "Wilson 95%", "items", "annotators",
+             "W / T / L (items)"],
+            [[s["x"], s["y"], pct(s["rate"]), interval(s["ci"]), interval(s["wilson"]), s["items"], len(s["annotators"]),
+              f"{s['wins']} / {s['ties']} / {s['losses']}"] for s in study])
+    between = (["models", "annotators", "items", "agreement with ties", "without ties (items)", "Cohen's kappa"],
+               [[f"{s['x']} vs {s['y']}", " & ".join(p["annotators"]), p["items"], pct(p["agreement"][0]),
+                 f"{pct(p['agreement'][1])} ({p['agreement'][2]})", f"{p['kappa']:.2f}" if math.isfinite(p["kappa"]) else "-"]
+                for s in study for p in s["between"]])
+    judge = (["models", "votes", "annotators", "agreement with ties", "without ties (votes)"],
+             [[f"{s['x']} vs {s['y']}", s["judge"][0], len(s["annotators"]), pct(s["judge"][1]),
+               f"{pct(s['judge'][2])} ({s['judge'][3]})"] for s in study if s["judge"]])
+    return pref, between, judge
+# -----------------------------------------------------------------------------
+# the tasks: `python eval.py --task=NAME` runs TASKS[NAME](), which reads the settings below the
+# `__main__` guard as this module's globals
+
+
+def fail(msg):
+    sys.exit(f"error: {redact_url(msg)}")
+
+
+def generate():
+    """Stories for the prompts file, from a checkpoint (one batched decode per --batch_size
+    prompts) or an OpenAI-compatible endpoint; a generation without a story is never written."""
+    global client
+    import rollout
+    if not model or not out:
+        fail("--task=generate needs --model and --out")
+    rows = read_jsonl(prompts, must_exist=True)
+    for k, r in enumerate(rows, 1):
+        t = r.get("target_words")
+        if not r.get("id") or not r.get("prompt") or isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= preflight.MAX_TARGET_WORDS:
+            fail(f"{prompts}: row {k} needs id, prompt and a positive integer target_words")
+    rows = rows[:limit] if limit else rows
+    done = {r["id"] for r in read_jsonl(out)}
+    todo = [r for r in rows if r["id"] not in done]
+    label = name or os.path.basename(model.rstrip("/"))
+    print(f"{len(rows) - len(todo)} of {len(rows)} prompts already in {out}; generating {len(todo)} with {label}")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    from tqdm import tqdm
+    if api_url:  # an API model or a served checkpoint (vLLM, transformers serve), over HTTP
+        # what a server needs to sample as the card says: the OpenAI sampling fields, and
+        # thinking on or off for its chat template. top_k and repetition_penalty are not
+        # OpenAI fields (transformers serve refuses them): vLLM and transformers serve take
+        # them from the checkpoint's generation_config, or add them with --api_extra, which
+        # adds fields or replaces them one by one (None: not sent)
+        fields = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                      presence_penalty=presence_penalty or None,
+                      chat_template_kwargs=dict(enable_thinking=enable_thinking))
+        fields.update(api_extra)
+        client = judge_lib.Judge(api_url, model, key_env=api_key_env, workers=c["judge_workers"],
+                                 timeout=c["judge_timeout"], retries=c["judge_retries"], max_tokens=0,
+                                 max_reply_bytes=c["judge_max_reply_bytes"], cache_dir=gen_cache or None,
+                                 extra={k: v for k, v in fields.items() if v is not None})
+        # an empty reply is not cached (chat's default), so that a later run asks again
+        futures = [client.pool.submit(client.chat, [dict(role="user", content=r["prompt"])]) for r in todo]
+    else:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        preflight.check_sampling(repetition_penalty, presence_penalty)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype) if device == "cuda" else torch.float32).to(device)
+        tok = AutoTokenizer.from_pretrained(model)
+        eos = rollout.eos_ids(lm, tok)
+    index = {r["id"]: k for k, r in enumerate(rows)}  # a prompt's seed: its place in the prompts file
+
+    def from_api(k):  # -> (thinking, story, finish reason), story None when the request failed
+        try:
+            reply = futures[k].result()
+        except judge_lib.JudgeError as e:
+            return "", None, str(e)
+        content = reply["content"]
+        if reply["reasoning"]:  # the server split the thinking out (reasoning_content)
+            return reply["reasoning"].strip(), content.strip(), reply["finish_reason"]
+        # a server without a reasoning parser returns the raw text
+        thinking, story, _ = rollout.split_thinking(
+            content, "</think>" in content or content.lstrip().startswith("<think>"), False)
+        return thinking, story, reply["finish_reason"]
+
+    missed = []  # prompts left for a later run: failed requests, and generations without a story
+    for i in tqdm(range(0, len(todo), batch_size), desc=f"generating, {batch_size} prompts at a time"):
+        batch = todo[i:i + batch_size]
+        if api_url:
+            results = [from_api(k) for k in range(i, i + len(batch))]
+        else:  # one batched decode; each story depends on its prompt's seed alone, not on the batch
+            samples = rollout.sample(
+                lm, tok, [rollout.render_prompt(tok, r["prompt"], enable_thinking) for r in batch],
+                seeds=[seed + index[r["id"]] for r in batch], n=1, eos=eos, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                presence_penalty=presence_penalty, enable_thinking=enable_thinking)
+            results = [(s.thinking, s.text, "length" if s.truncated else "stop") for [s] in samples]
+        for r, (thinking, story, finish) in zip(batch, results):
+            if not story:  # never written as if it were a finished story
+                missed.append(f"{r['id']} ({finish})" if story is None else
+                              f"{r['id']} (no story: {finish}, {rubric.count_words(thinking)} words of thinking)")
+                continue
+            append_jsonl(out, dict(id=r["id"], prompt=r["prompt"], target_words=r["target_words"],
+                                   category=r.get("category", ""), model=label, story=story,
+                                   words=rubric.count_words(story), thinking_words=rubric.count_words(thinking),
+                                   finish_reason=finish))
+    if api_url:
+        client.close()
+    if missed:
+        fail(f"{len(missed)} of {len(todo)} generations came back without a story and were not written: "
+             + ", ".join(missed[:20]) + (" ..." if len(missed) > 20 else "") + ". A story cut off in its "
+             "thinking needs a larger max_new_tokens, or --enable_thinking=False for a model that does not close its "
+             "thinking (the tiny random model never does); an empty reply from a server, its reasoning settings. "
+             "Run again to ask for these again")
+
+
+def score():
+    """Each story of each generation file judged on the rubric, into <gens>.scores.jsonl."""
+    global client
+    if not gen_files:
+        fail("--task=score needs --gens=FILE[,FILE...]")
+    gens_by_file = read_gens(gen_files)
+    client = judge_lib.judge_from_config(c, cache_dir=c["judge_cache"] or None)
+    for f, (label, rows) in gens_by_file.items():
+        done = {r["id"] for r in drop_failed(scores_path(f), lambda r: r.get("error") is not None)}
+        todo = [r for r in rows if r["id"] not in done]
+        print(f"{f}: scoring {len(todo)} of {len(rows)} ({len(done)} already in {scores_path(f)})")
+        results, used = judge_http.score(client, todo, progress=True)
+        for r, res in zip(todo, results):
+            append_jsonl(scores_path(f), dict(id=r["id"], target_words=r["target_words"], model=label, **res))
+        print(f"  judge: {used['failures']} failures, {used['tokens_in'] + used['tokens_out']} tokens, ${used['cost']:.4f}"
+              + (f" (+ the unknown cost of {used['unpriced']} replies without token counts)" if used["unpriced"] else ""))
+    client.close()
+    print(md_table(*quality_rows(quality_table(gen_files, n_boot))))
+
+
+def pairwise():
+    """Every pair of models on every shared prompt, judged twice with the positions swapped."""
+    global client
+    if len(gen_files) < 2:
+        fail("--task=pairwise needs --gens with two or more files")
+    gens_by_file = read_gens(gen_files)
+    ids = shared_ids(gen_files, allow_intersection)
+    by_file = {f: {r["id"]: r for r in rows} for f, (_, rows) in gens_by_file.items()}
+    label = {f: name for f, (name, _) in gens_by_file.items()}
+    client = judge_lib.judge_from_config(c, cache_dir=c["judge_cache"] or None)
+    drop_failed(pairs, lambda r: r.get("winner") is None)
+    done = {(r["id"], r["model_a"], r["model_b"]) for r in read_pairs(pairs, must_exist=False)}
+    cut = lambda t: t[:max_chars] if max_chars else t
+    jobs = []
+    for fa, fb in combinations(gen_files, 2):
+        for i in ids:
+            if (i, label[fa], label[fb]) in done:
+                continue
+            a, b = by_file[fa][i], by_file[fb][i]
+            jobs.append((i, label[fa], label[fb], client.pool.submit(ask, client, pairwise_messages(a["prompt"], cut(a["story"]), cut(b["story"]))),
+                         client.pool.submit(ask, client, pairwise_messages(a["prompt"], cut(b["story"]), cut(a["story"])))))
+    os.makedirs(os.path.dirname(os.path.abspath(pairs)), exist_ok=True)
+    from tqdm import tqdm
+    for i, ma, mb, f1, f2 in tqdm(jobs, desc="pairwise"):
+        r1, r2 = f1.result(), f2.result()
+        overall = lambda r: r["parsed"]["Overall"] if r["parsed"] else None
+        append_jsonl(pairs, dict(id=i, model_a=ma, model_b=mb, winner=dual_verdict(overall(r1), overall(r2)),
+                                 first=r1["parsed"], second=r2["parsed"], error=r1["error"] or r2["error"]))
+    client.close()
+    print(md_table(*win_rows(win_table(read_pairs(pairs), n_boot))))
+
+
+def elo():
+    """Bradley-Terry ratings of the pairs file, printed and written to --out as JSON."""
+    table = elo_table(read_pairs(pairs), anchor_rating(), min(n_boot, 200))
+    print(md_table(*elo_rows(table)))
+    if any(r["unbounded"] for r in table.values()):
+        print("\n" + ELO_NOTE)
+    if out:
+        with open(out + ".tmp", "w") as f:
+            json.dump(table, f, indent=1)
+        os.replace(out + ".tmp", out)
+
+
+def anchor_rating():
+    """--anchor=NAME:RATING -> (name, rating), or None."""
+    if anchor and not anchor.rsplit(":", 1)[-1].replace(".", "", 1).lstrip("-").isdigit():
+        fail(f"--anchor={anchor!r} must look like NAME:RATING")
+    return (anchor.rsplit(":", 1)[0], float(anchor.rsplit(":", 1)[1])) if anchor else None
+
+
+def draw_study():
+    """N prompts that both generation files cover, stratified by requested-length bucket (equal
+    shares as far as each bucket has prompts), drawn once with `seed` and shown in a shuffled
+    order; each item holds both stories and which model wrote each."""
+    if len(gen_files) != 2 or not out:
+        fail("--task=study needs --gens with exactly two generation files and --out=STUDY.jsonl")
+    if os.path.exists(out):
+        fail(f"{out} exists: a study is drawn once for all its annotators; remove it or give another --out")
+    (name_a, rows_a), (name_b, rows_b) = read_gens(gen_files).values()
+    a, b = {r["id"]: r for r in rows_a}, {r["id"]: r for r in rows_b}
+    shared = [i for i in a if i in b]
+    for i in shared:
+        if (a[i]["prompt"], a[i]["target_words"]) != (b[i]["prompt"], b[i]["target_words"]):
+            fail(f"prompt id {i!r} has another prompt in {gen_files[0]} than in {gen_files[1]}")
+    if not 0 < n <= len(shared):
+        fail(f"--n={n}: the two files share {len(shared)} prompts")
+    by_bucket = {b_: [i for i in shared if bucket(a[i]["target_words"]) == b_] for b_, _ in BUCKETS}
+    want = dict.fromkeys(by_bucket, 0)
+    while sum(want.values()) < n:  # one more to each bucket that has one left, in turn
+        for b_ in want:
+            if want[b_] < len(by_bucket[b_]) and sum(want.values()) < n:
+                want[b_] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [ids[k] for b_, ids in by_bucket.items() for k in sorted(rng.permutation(len(ids))[:want[b_]])]
+    chosen = [chosen[k] for k in rng.permutation(len(chosen))]
+    write_jsonl(out, [dict(item=k, id=i, prompt=a[i]["prompt"], target_words=a[i]["target_words"],
+                           bucket=bucket(a[i]["target_words"]), category=a[i].get("category", ""), seed=seed,
+                           stories=[dict(model=name_a, story=a[i]["story"]), dict(model=name_b, story=b[i]["story"])])
+                      for k, i in enumerate(chosen, 1)])
+    print(f"{out}: {n} items (" + ", ".join(f"{k} {b_}" for b_, k in want.items() if k) + f") of the {len(shared)} "
+          f"prompts both files cover, seed {seed}\nnext, for each annotator: python eval.py --task=annotate "
+          f"--study={out} --annotator=NAME")
+
+
+def annotate():
+    """The blinded annotation page for one annotator, served until Ctrl-C. Each choice is
+    appended to annotations/NAME.jsonl beside the study and flushed to disk at once."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", annotator):
+        fail(f"--annotator={annotator!r}: letters, digits, '-' and '_' only (it names the annotator's file)")
+    items = read_study(study)
+    study_name = os.path.basename(study)
+    path = os.path.join(os.path.dirname(os.path.abspath(study)), "annotations", f"{annotator}.jsonl")
+    preflight.take_lock(path[: -len(".jsonl")] + ".lock", 120.0)  # one page per annotator's file
+    rows = read_jsonl(path)
+    other = next((r.get("study") for r in rows if r.get("study") != study_name), None)
+    if other or any(r.get("item") not in {it["item"] for it in items} for r in rows):
+        fail(f"{path} holds choices for another study ({other!r}, not {study_name!r}): give each study its own folder")
+    lock, shown = threading.Lock(), {}  # shown: when each item was first shown, for its seconds
+
+    def ab(item):  # the two stories as A and B: random per annotator and item, from the study's seed
+        flip = hashlib.sha256(f"{item['seed']}:{annotator}:{item['id']}".encode()).digest()[0] & 1
+        return item["stories"][::-1] if flip else item["stories"]
+
+    def app(method, route, params):
+        with lock:  # one choice at a time: a second tab or a double press finds its item chosen
+            chosen = {r["item"] for r in rows}
+            todo = [it for it in items if it["item"] not in chosen]
+            last = rows[-1]["item"] if rows else None
+            if method == "POST" and route == "/choose":
+                if todo and params.get("item") == str(todo[0]["item"]) and params.get("choice") in ("A", "B", "tie"):
+                    a, b = ab(todo[0])
+                    row = dict(item=todo[0]["item"], id=todo[0]["id"], study=study_name, annotator=annotator,
+                               model_a=a["model"], model_b=b["model"], choice=params["choice"],
+                               reason=params.get("reason", "").strip(),
+                               seconds=round(time.time() - shown.get(todo[0]["item"], time.time()), 1),
+                               time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+                    append_jsonl(path, row, sync=True)
+                    rows.append(row)
+                return 303, "", {"Location": "/"}
+            if method == "POST" and route == "/undo":
+                if rows and params.get("item") == str(last):
+                    write_jsonl(path, rows[:-1])
+                    shown[rows.pop()["item"]] = time.time()
+                return 303, "", {"Location": "/"}
+            if route != "/":
+                return 404, pages.page("Not found", "<h1>Not found</h1>"), {}
+            if not todo:
+                return 200, pages.annotation_done(annotator, len(items), last), {}
+            shown.setdefault(todo[0]["item"], time.time())
+            a, b = ab(todo[0])
+            return 200, pages.annotation_page(annotator, todo[0], a["story"], b["story"], len(items) - len(todo),
+                                              len(items), last), {}
+    print(f"{study}: {len(items)} items, {len(rows)} with a choice by {annotator} in {path}")
+    pages.serve(app, host, port, f"the annotation page for {annotator}", script=pages.ANNOTATE_JS)
+
+
+def report():
+    """report.md and, beside it with its stem, a self-contained report.html: Story Quality by
+    requested length and by category, Elo, win rates, the human study, and every story."""
+    all_pairs = read_pairs(pairs, must_exist=pairs != _PAIRS)  # the default pairs file joins if it exists
+    gens_by_file = read_gens(gen_files) if gen_files else {}
+    votes = read_annotations(annotations) if annotations else []
+    md_path = out or "out/eval/report.md"
+    html_path = (md_path[: -len(".md")] if md_path.endswith(".md") else md_path) + ".html"
+    md, sections = ["# POLARIS evaluation", "", f"Stories, plots and the judge's scores: {os.path.basename(html_path)}", ""], []
+
+    def add(title, head_rows, note="", figure=""):
+        md.extend([f"## {title}", "", md_table(*head_rows), ""] + ([note, ""] if note else []))
+        sections.append((title, figure + pages.table(*head_rows) + (f"<p class=muted>{pages.esc(note)}</p>" if note else "")))
+    if gen_files:
+        q = quality_table(gen_files, n_boot)
+        labels = dict(enumerate(b for b, _ in BUCKETS))
+        plot = lambda key, what, mark=None: pages.chart(  # (x, mean, lo, hi) per bucket, one series a model
+            f"{what} by requested length", [(r["model"], [(k, r[key][b][0], *r[key][b][1]) for k, b in labels.items()])
+                                            for r in q], y_label=what + " (95% CI)", x_labels=labels, mark=mark)
+        add("Story Quality by requested length", quality_rows(q), "Mean and 95% CI over prompts, n prompts; the judge's "
+            "failures are left out.", plot("sq", "Story Quality") + plot("ratio", "Length ratio", (1.0, "as requested")))
+        head, rows = category_rows(gens_by_file)
+        if rows:
+            add("Story Quality by category", (head, rows), "Mean SQ (n prompts) of each writing category.")
+    if all_pairs:
+        table = elo_table(all_pairs, anchor_rating(), min(n_boot, 200))
+        add("Pairwise Elo (Bradley-Terry, dual position)", elo_rows(table),
+            "95% CI by bootstrap over prompts." + (" " + ELO_NOTE if any(r["unbounded"] for r in table.values()) else ""))
+        add("Win rates (LLM judge, dual position: agreement wins, disagreement ties)", win_rows(win_table(all_pairs, n_boot)))
+    if votes:
+        order = [m for m, _ in gens_by_file.values()] or [m for v in votes for m in v[2:4]]
+        pref, between, judged = human_rows(human_study(votes, order, judge_verdicts(all_pairs), n_boot))
+        add("Human study: which story people preferred", pref, "An item is one prompt and its two stories; its score is "
+            "the mean of its annotators' votes (a tie, or two annotators who disagree, count half), and the intervals "
+            "resample items.")
+        if between[1]:
+            add("Human study: agreement between annotators", between, "Share of items two annotators judged alike, with "
+                "ties and without (items where either said tie left out); Cohen's kappa over the three outcomes.")
+        if judged[1]:
+            add("Human study: the LLM judge against the annotators", judged, "The judge's dual-position verdict (pairs "
+                "file) against each annotator's vote on the same item, with and without ties (MT-Bench's agreement).")
+    if not sections:
+        fail("--task=report needs --gens, --pairs or --annotations with something in them")
+    if gen_files:
+        sections.append(("Stories", "".join(stories_html(f, label, rows) for f, (label, rows) in gens_by_file.items())))
+    os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
+    for path, text in ((md_path, "\n".join(md)), (html_path, pages.report_page("POLARIS evaluation", sections))):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    print("\n".join(md) + f"\nwrote {md_path} and {html_path}")
+
+
+def stories_html(gens_file, label, rows):
+    """A model's stories, each folded: the request, the story, the judge's 16 scores."""
+    scored = scored_rows(gens_file)
+    parts = []
     for r in rows:
-        lines.append(f"| {r['a']} | {r['b']} | {r['rate']:.3f} | [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | "
-                     f"{r['wins']} / {r['ties']} / {r['losses']} | {r['missing']} |")
-    return "\n".join(lines)
+        s = scored.get(r["id"], {})
+        sq = f"SQ {s['sq']:.1f}" if s.get("error") is None and s.get("sq") is not None else f"no SQ ({s.get('error')})"
+        parts.append(pages.story_details(
+            f"{r['id']} · {bucket(r['target_words'])} · {r.get('category') or 'no category'} · {sq} · "
+            f"{rubric.count_words(r['story'])} of {r['target_words']} words", r["prompt"], r["story"], s.get("scores")))
+    return f"<h3>{pages.esc(label)} ({len(rows)} stories)</h3>" + "".join(parts)
+
+
+TASKS = dict(generate=generate, score=score, pairwise=pairwise, elo=elo, study=draw_study, annotate=annotate, report=report)
 
 # -----------------------------------------------------------------------------
 
-
 if __name__ == "__main__":
     from configurator import check_ranges, configure
-    import judge as judge_lib
-    import rollout
     # task
-    task = "generate"  # generate | score | pairwise | elo | report
+    task = "generate"  # generate | score | pairwise | elo | study | annotate | report
     prompts = "data/eval/prompts.jsonl"
-    out = ""  # generate: the generations file; elo: ratings.json; report: the markdown file
-    gens = ""  # comma-separated generation files (score, pairwise, report)
+    out = ""  # generate: the generations file; elo: ratings.json; study: the study file; report: report.md
+    gens = ""  # comma-separated generation files (score, pairwise, study, report)
     pairs = _PAIRS = "out/eval/pairs.jsonl"  # pairwise writes it; elo and report read it (comma-separated for several)
     limit = 0  # generate: only the first N prompts (0: all)
     batch_size = 16  # generate: prompts decoded together from a checkpoint; output written after each batch
@@ -404,6 +904,12 @@ if __name__ == "__main__":
     max_chars = 0  # pairwise: cut each story to this many characters (0: whole), against length bias
     anchor = ""  # elo: 'NAME:RATING'
     n_boot = 1000
+    # the human study and the pages
+    n = 60  # study: items drawn
+    study = ""  # annotate: the study file
+    annotator = ""  # annotate: the annotator's name, which names annotations/NAME.jsonl
+    annotations = ""  # report: the folder of annotation files
+    host, port = "127.0.0.1", 0  # annotate: the page's address (port 0: any free one); off 127.0.0.1 a token is asked
     # generation: within the card's recommended ranges; no presence penalty (the card allows 0.0-1.5;
     # training uses 1.0 against loops in long rollouts, evaluation measures the model as it is)
     model = ""  # a checkpoint folder or hub id, or the model name at api_url
@@ -425,200 +931,15 @@ if __name__ == "__main__":
     globals().update(judge_lib.DEFAULTS)  # judge_url, judge_model, judge_key_env, ... (see judge.py)
     c = configure(globals())
     check_ranges(c, dict(preflight.SAMPLING_RANGES, **judge_lib.RANGES, limit=">= 0", n_boot=">= 1", max_chars=">= 0",
-                    batch_size=">= 1"))
-
-    def fail(msg):
-        sys.exit(f"error: {judge_lib.redact_url(msg)}")
-
+                         batch_size=">= 1", n=">= 1", port="[0, 65535]"))
+    if task not in TASKS:
+        fail(f"--task={task!r} must be one of {', '.join(TASKS)}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the run like Ctrl-C
-
     gen_files = [g for g in gens.split(",") if g]
+    client = None  # the judge or API client a task has open, cancelled on Ctrl-C
     try:
-        if anchor and not anchor.rsplit(":", 1)[-1].replace(".", "", 1).lstrip("-").isdigit():
-            fail(f"--anchor={anchor!r} must look like NAME:RATING")
-        name_rating = (anchor.rsplit(":", 1)[0], float(anchor.rsplit(":", 1)[1])) if anchor else None
-        if task == "generate":
-            if not model or not out:
-                fail("--task=generate needs --model and --out")
-            rows = read_jsonl(prompts, must_exist=True)
-            for k, r in enumerate(rows, 1):
-                t = r.get("target_words")
-                if not r.get("id") or not r.get("prompt") or isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= preflight.MAX_TARGET_WORDS:
-                    fail(f"{prompts}: row {k} needs id, prompt and a positive integer target_words")
-            rows = rows[:limit] if limit else rows
-            done = {r["id"] for r in read_jsonl(out)}
-            todo = [r for r in rows if r["id"] not in done]
-            label = name or os.path.basename(model.rstrip("/"))
-            print(f"{len(rows) - len(todo)} of {len(rows)} prompts already in {out}; generating {len(todo)} with {label}")
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            from tqdm import tqdm
-            if api_url:  # an API model or a served checkpoint (vLLM, transformers serve), over HTTP
-                # what a server needs to sample as the card says: the OpenAI sampling fields, and
-                # thinking on or off for its chat template. top_k and repetition_penalty are not
-                # OpenAI fields (transformers serve refuses them): vLLM and transformers serve take
-                # them from the checkpoint's generation_config, or add them with --api_extra, which
-                # adds fields or replaces them one by one (None: not sent)
-                fields = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              presence_penalty=presence_penalty or None,
-                              chat_template_kwargs=dict(enable_thinking=enable_thinking))
-                fields.update(api_extra)
-                client = judge_lib.Judge(api_url, model, key_env=api_key_env, workers=c["judge_workers"],
-                                         timeout=c["judge_timeout"], retries=c["judge_retries"], max_tokens=0,
-                                         max_reply_bytes=c["judge_max_reply_bytes"], cache_dir=gen_cache or None,
-                                         extra={k: v for k, v in fields.items() if v is not None})
-                # an empty reply is not cached (chat's default), so that a later run asks again
-                futures = [client.pool.submit(client.chat, [dict(role="user", content=r["prompt"])]) for r in todo]
-            else:
-                import torch
-                from transformers import AutoModelForCausalLM, AutoTokenizer
-                preflight.check_sampling(repetition_penalty, presence_penalty)
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-                lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype) if device == "cuda" else torch.float32).to(device)
-                tok = AutoTokenizer.from_pretrained(model)
-                eos = rollout.eos_ids(lm, tok)
-            index = {r["id"]: k for k, r in enumerate(rows)}  # a prompt's seed: its place in the prompts file
-
-            def from_api(k):  # -> (thinking, story, finish reason), story None when the request failed
-                try:
-                    reply = futures[k].result()
-                except judge_lib.JudgeError as e:
-                    return "", None, str(e)
-                content = reply["content"]
-                if reply["reasoning"]:  # the server split the thinking out (reasoning_content)
-                    return reply["reasoning"].strip(), content.strip(), reply["finish_reason"]
-                # a server without a reasoning parser returns the raw text
-                thinking, story, _ = rollout.split_thinking(
-                    content, "</think>" in content or content.lstrip().startswith("<think>"), False)
-                return thinking, story, reply["finish_reason"]
-
-            missed = []  # prompts left for a later run: failed requests, and generations without a story
-            for i in tqdm(range(0, len(todo), batch_size), desc=f"generating, {batch_size} prompts at a time"):
-                batch = todo[i:i + batch_size]
-                if api_url:
-                    results = [from_api(k) for k in range(i, i + len(batch))]
-                else:  # one batched decode; each story depends on its prompt's seed alone, not on the batch
-                    samples = rollout.sample(
-                        lm, tok, [rollout.render_prompt(tok, r["prompt"], enable_thinking) for r in batch],
-                        seeds=[seed + index[r["id"]] for r in batch], n=1, eos=eos, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                        presence_penalty=presence_penalty, enable_thinking=enable_thinking)
-                    results = [(s.thinking, s.text, "length" if s.truncated else "stop") for [s] in samples]
-                for r, (thinking, story, finish) in zip(batch, results):
-                    if not story:  # never written as if it were a finished story
-                        missed.append(f"{r['id']} ({finish})" if story is None else
-                                      f"{r['id']} (no story: {finish}, {rubric.count_words(thinking)} words of thinking)")
-                        continue
-                    append_jsonl(out, dict(id=r["id"], prompt=r["prompt"], target_words=r["target_words"],
-                                           category=r.get("category", ""), model=label, story=story,
-                                           words=rubric.count_words(story), thinking_words=rubric.count_words(thinking),
-                                           finish_reason=finish))
-            if api_url:
-                client.close()
-            if missed:
-                fail(f"{len(missed)} of {len(todo)} generations came back without a story and were not written: "
-                     + ", ".join(missed[:20]) + (" ..." if len(missed) > 20 else "") + ". A story cut off in its "
-                     "thinking needs a larger max_new_tokens, or --enable_thinking=False for a model that does not close its "
-                     "thinking (the tiny random model never does); an empty reply from a server, its reasoning settings. "
-                     "Run again to ask for these again")
-
-        elif task == "score":
-            if not gen_files:
-                fail("--task=score needs --gens=FILE[,FILE...]")
-            gens_by_file = read_gens(gen_files)
-            judge = judge_lib.judge_from_config(c, cache_dir=c["judge_cache"] or None)
-            for f, (label, rows) in gens_by_file.items():
-                done = {r["id"] for r in drop_failed(scores_path(f), lambda r: r.get("error") is not None)}
-                todo = [r for r in rows if r["id"] not in done]
-                print(f"{f}: scoring {len(todo)} of {len(rows)} ({len(done)} already in {scores_path(f)})")
-                results, used = judge_http.score(judge, todo, progress=True)
-                for r, res in zip(todo, results):
-                    append_jsonl(scores_path(f), dict(id=r["id"], target_words=r["target_words"], model=label, **res))
-                print(f"  judge: {used['failures']} failures, {used['tokens_in'] + used['tokens_out']} tokens, ${used['cost']:.4f}"
-                      + (f" (+ the unknown cost of {used['unpriced']} replies without token counts)" if used["unpriced"] else ""))
-            judge.close()
-            print(format_quality(quality_table(gen_files, n_boot)))
-
-        elif task == "pairwise":
-            if len(gen_files) < 2:
-                fail("--task=pairwise needs --gens with two or more files")
-            gens_by_file = read_gens(gen_files)
-            ids = shared_ids(gen_files, allow_intersection)
-            by_file = {f: {r["id"]: r for r in rows} for f, (_, rows) in gens_by_file.items()}
-            label = {f: name for f, (name, _) in gens_by_file.items()}
-            judge = judge_lib.judge_from_config(c, cache_dir=c["judge_cache"] or None)
-            drop_failed(pairs, lambda r: r.get("winner") is None)
-            done = {(r["id"], r["model_a"], r["model_b"]) for r in read_pairs(pairs, must_exist=False)}
-            cut = lambda t: t[:max_chars] if max_chars else t
-            jobs = []
-            for fa, fb in combinations(gen_files, 2):
-                for i in ids:
-                    if (i, label[fa], label[fb]) in done:
-                        continue
-                    a, b = by_file[fa][i], by_file[fb][i]
-                    jobs.append((i, label[fa], label[fb], judge.pool.submit(ask, judge, pairwise_messages(a["prompt"], cut(a["story"]), cut(b["story"]))),
-                                 judge.pool.submit(ask, judge, pairwise_messages(a["prompt"], cut(b["story"]), cut(a["story"])))))
-            os.makedirs(os.path.dirname(os.path.abspath(pairs)), exist_ok=True)
-            from tqdm import tqdm
-            for i, ma, mb, f1, f2 in tqdm(jobs, desc="pairwise"):
-                r1, r2 = f1.result(), f2.result()
-                overall = lambda r: r["parsed"]["Overall"] if r["parsed"] else None
-                append_jsonl(pairs, dict(id=i, model_a=ma, model_b=mb, winner=dual_verdict(overall(r1), overall(r2)),
-                                         first=r1["parsed"], second=r2["parsed"], error=r1["error"] or r2["error"]))
-            judge.close()
-            print(format_wins(win_table(read_pairs(pairs), n_boot)))
-
-        elif task == "elo":
-            table = elo_table(read_pairs(pairs), name_rating, min(n_boot, 200))
-            print(format_elo(table))
-            if out:
-                with open(out + ".tmp", "w") as f:
-                    json.dump(table, f, indent=1)
-                os.replace(out + ".tmp", out)
-
-        elif task == "report":
-            # the default pairs file joins the report if it exists; a pairs file named on the command line must
-            all_pairs = read_pairs(pairs, must_exist=pairs != _PAIRS)
-            if gen_files:
-                read_gens(gen_files)
-            report = out or "out/eval/report.md"
-            parts = ["# POLARIS evaluation", ""]
-            if gen_files:
-                q = quality_table(gen_files, n_boot)
-                parts += ["## Story Quality by requested length (mean, 95% CI over prompts)", "", format_quality(q), ""]
-            if all_pairs:
-                parts += ["## Pairwise Elo (Bradley-Terry, dual position, 95% CI over prompts)", "",
-                          format_elo(elo_table(all_pairs, name_rating, min(n_boot, 200))), "",
-                          "## Win rates (dual position: agreement wins, disagreement ties)", "",
-                          format_wins(win_table(all_pairs, n_boot)), ""]
-            if gen_files:
-                try:
-                    import matplotlib
-                    matplotlib.use("Agg")
-                    import matplotlib.pyplot as plt
-                    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-                    for f in gen_files:
-                        scored = read_jsonl(scores_path(f))
-                        for ax, key in ((ax1, "sq"), (ax2, "ratio")):
-                            ys = [np.mean([r[key] for r in scored if bucket(r["target_words"]) == b and r.get("error") is None] or [np.nan])
-                                  for b, _ in BUCKETS]
-                            ax.plot([b for b, _ in BUCKETS], ys, marker="o", label=scored[0].get("model", f))
-                    ax1.set_ylabel("Story Quality")
-                    ax2.set_ylabel("length ratio (words / requested)")
-                    ax1.legend()
-                    png = report[: -len(".md")] + ".png" if report.endswith(".md") else report + ".png"
-                    fig.savefig(png, dpi=100, bbox_inches="tight")
-                    parts += [f"![Story Quality and length ratio by requested length]({os.path.basename(png)})", ""]
-                except ImportError:
-                    parts += ["(No plot: `pip install matplotlib` and run --task=report again for a PNG of Story "
-                              "Quality and length ratio against requested length.)", ""]
-            os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
-            with open(report, "w") as f:
-                f.write("\n".join(parts))
-            print("\n".join(parts))
-            print(f"wrote {report}")
-        else:
-            fail(f"--task={task!r} must be one of generate, score, pairwise, elo, report")
+        TASKS[task]()
     except (OSError, ValueError) as e:
         fail(str(e))
     except KeyboardInterrupt:  # the rows written so far stay, and a rerun resumes after them
-        judge_lib.stop(globals().get("judge") or globals().get("client"), "interrupted: queued judge requests cancelled")
+        judge_lib.stop(client, "interrupted: queued judge requests cancelled" if client else "stopped")

@@ -316,16 +316,15 @@ def _alive(pid):
     return True
 
 
-def take_lock(out_dir, stale_s):
-    """One run per out_dir: out_dir/run.lock names its holder (pid, host, since when), is
-    refreshed every stale_s / 4 seconds while the run lives and removed at its exit. A lock whose
+def take_lock(path, stale_s):
+    """One run per out_dir (out_dir/run.lock), one annotation page per annotator: the lock file at
+    `path` names its holder (pid, host, since when), is refreshed every stale_s / 4 seconds while the run lives and removed at its exit. A lock whose
     process is gone from this host, or unrefreshed for stale_s (a holder on another host, as
     after a requeue), is taken over, and that is said. Returns the function that releases it."""
-    path = os.path.join(out_dir, "run.lock")
     me = dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime("%Y-%m-%d %H:%M:%S"))
     for _ in range(2):
         try:
-            os.makedirs(out_dir, exist_ok=True)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
                 json.dump(me, f)
             break
@@ -341,9 +340,9 @@ def take_lock(out_dir, stale_s):
             held, age = {}, math.inf  # half-written by a writer that died at once
         gone = held.get("host") == me["host"] and (held.get("pid") == me["pid"] or not _alive(held.get("pid")))
         if not gone and age < stale_s:
-            fail(f"out_dir={out_dir} is in use by pid {held.get('pid')} on {held.get('host')} since {held.get('since')} "
-                 f"(refreshed {age:.0f} s ago; {path} is stale after lock_stale_s={stale_s:g} s): wait for it, "
-                 "stop it, or use another out_dir")
+            fail(f"{path} is in use by pid {held.get('pid')} on {held.get('host')} since {held.get('since')} (refreshed "
+                 f"{age:.0f} s ago; stale after {stale_s:g} s, lock_stale_s for a run): wait for it, stop it, or use "
+                 "another folder")
         print(f"taking over {path} from pid {held.get('pid')} on {held.get('host')}: "
               + ("not running" if gone else f"not refreshed for {age:.0f} s"))
         os.remove(path)

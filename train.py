@@ -149,7 +149,7 @@ preflight.check_memory(model, model_config, ddp_world_size, ptdtype.itemsize, ve
                        tokens=max(micro_batch_tokens, longest), logprob_chunk=logprob_chunk,
                        checkpointing=gradient_checkpointing, budget=device_memory_gb * 1e9 or (
                            torch.cuda.get_device_properties(device).total_memory if "cuda" in device else 0))
-release_lock = preflight.take_lock(out_dir, lock_stale_s) if master_process else (lambda: None)  # before any write
+release_lock = preflight.take_lock(f"{out_dir}/run.lock", lock_stale_s) if master_process else (lambda: None)  # before any write
 preflight.probe_judge(judge, rows[0], stop)
 if init_from == "tiny" and not ckpt:
     if master_process:  # the tiny run's base model: its checkpoints' format, and evaluation's baseline
