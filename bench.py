@@ -23,6 +23,11 @@ Rows:
    of the 9B on 4 ranks before (bf16 gradient replica) and after (fp32 shards, optim.py); and,
    when trl is installed, the tiny step against TRL's GRPOTrainer on the same workload (2 prompts
    x 6 completions x 96 tokens, no reference, the local judge), alternating. Target: <= 0.7x.
+7. the run viewer (eval.py --task=rollouts, its own process) on a generated paper-sized run, a
+   150 MB rollouts.jsonl (160 steps x 48 stories of ~20k characters with 16 scores and the judge's
+   reply): the first page's time (indexing the file by byte offset and rendering the latest
+   step), a chosen step's, and the process's peak resident memory (VmHWM) against the file's size.
+   Target: seconds, and well below the file.
 """
 import json
 import math
@@ -193,7 +198,7 @@ PHASES = ["t_generate", "t_judge_wait", "t_train", "t_sync", "t_checkpoint"]
 def tiny_run(args, data=None):
     """Run train.py config/tiny.py in a subprocess; return its metrics rows."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "train.py", "config/tiny.py", f"--out_dir={tmp}/run", *args]
+        cmd = [sys.executable, "train.py", "config/tiny.py", f"--out_dir={tmp}/run", "--eval_interval=0", *args]
         if data:
             path = os.path.join(tmp, "data.jsonl")
             with open(path, "w") as f:
@@ -354,6 +359,52 @@ try:
                  f"alternating): ratio {ratio:.2f}", f"target <= 0.7 ({'met' if ratio <= 0.7 else 'MISSED'})"))
 except ImportError:
     rows.append(("tiny step vs TRL GRPOTrainer", "skipped: trl is not installed", "pip install trl, then python bench.py"))
+
+# -----------------------------------------------------------------------------
+# 7. the run viewer on a paper-sized run
+print("7. the run viewer on a generated 150 MB run ...", flush=True)
+import rubric  # noqa: E402
+words = open(os.path.join(ROOT, "data/sample/train.jsonl")).read().split()
+rng = np.random.default_rng(0)
+with tempfile.TemporaryDirectory() as tmp:
+    with open(os.path.join(tmp, "run.json"), "w") as f:
+        json.dump(dict(run_id="bench", config=dict(max_steps=160)), f)
+    with open(os.path.join(tmp, "rollouts.jsonl"), "w") as f, open(os.path.join(tmp, "metrics.jsonl"), "w") as fm, \
+            open(os.path.join(tmp, "references.jsonl"), "w") as fr:
+        for step in range(1, 161):
+            for g in range(8):
+                prompt = f"Write a 3000-word story about the bench's prompt {step}-{g}."
+                fr.write(json.dumps(dict(id=f"p{step}-{g}", prompt=prompt, target_words=3000, story=" ".join(words[:3000]))) + "\n")
+                for j in range(6):  # 5 stories of ~3,500 words, then the reference, whose text is in references.jsonl
+                    story = None if j == 5 else " ".join(words[k % len(words)] for k in range(int(rng.integers(0, 9000)), 12000))[:rng.integers(19000, 23000)]
+                    scores = {n: float(rng.integers(0, 11)) for n in rubric.NAMES}
+                    f.write(json.dumps(dict(step=step, group=g, id=f"p{step}-{g}", **(dict(prompt=prompt, target_words=3000) if j == 0 else {}),
+                                            is_ref=j == 5, story=story, thinking_words=900, truncated=False, adv=float(rng.normal()),
+                                            judge_reply="Analysis: " + " ".join(words[:150]) + "\n" + "\n".join(f"{n}: {v:g}" for n, v in scores.items()),
+                                            reward=float(rng.normal(30, 20)), sq=float(rng.normal(40, 15)), ratio=0.8, scores=scores, error=None)) + "\n")
+            fm.write(json.dumps(dict(step=step, reward=30 + step / 10, ref_reward=55.0, sq=40 + step / 8, length_ratio=0.8,
+                                     ref_adv=1.5, ref_rank=1.5, ref_nll=2.5, entropy=1.2)) + "\n")
+    size = os.path.getsize(os.path.join(tmp, "rollouts.jsonl"))
+    # the real command, in its own process: its first page, a chosen step, its peak resident memory
+    t = time.perf_counter()
+    viewer = subprocess.Popen([sys.executable, "eval.py", "--task=rollouts", f"--run={tmp}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    url = next(line.split(" at ")[1].strip() for line in viewer.stdout if " at http" in line)
+    t_start = time.perf_counter() - t
+    import urllib.request
+    t = time.perf_counter()
+    first = urllib.request.urlopen(url, timeout=120).read()
+    t_first = time.perf_counter() - t
+    t = time.perf_counter()
+    urllib.request.urlopen(url + "?step=80", timeout=120).read()
+    t_step = time.perf_counter() - t
+    peak = int(next(line.split()[1] for line in open(f"/proc/{viewer.pid}/status") if line.startswith("VmHWM"))) * 1024
+    viewer.terminate()
+    viewer.wait()
+rows.append((f"run viewer: rollouts.jsonl of {size / 1e6:.0f} MB (160 steps x 48 stories), `eval.py --task=rollouts`",
+             f"started in {t_start:.1f} s; first page {t_first:.2f} s (indexing the file, then the latest step: "
+             f"{len(first) / 1e6:.1f} MB of HTML), a chosen step {t_step:.2f} s; peak resident memory {peak / 1e6:.0f} MB, "
+             f"{peak / size:.2f} x the file", "target: seconds, memory well below the file"))
 
 # -----------------------------------------------------------------------------
 cpu = platform.processor() or platform.machine()

@@ -178,18 +178,25 @@ def restore(ckpt, step, opt, rank, world, out_dir):
         sys.exit(f"error: {err}; the logs are unchanged. Free some space and run the same command again")
 
 
+LOGS = ("metrics.jsonl", "rollouts.jsonl", "evals.jsonl")  # rows with a step, trimmed on resume
+
+
 def trim_logs(out_dir, step):
-    """Drop the rows of metrics.jsonl and rollouts.jsonl written after the checkpoint of `step`
-    (and a half-written last line): both written anew beside the old ones, then swapped in. Returns
-    '' or why a write failed (a full disk), with both files as they were."""
-    paths = [p for p in (os.path.join(out_dir, n) for n in ("metrics.jsonl", "rollouts.jsonl")) if os.path.exists(p)]
+    """Drop the rows of the logs written after the checkpoint of `step` (and a half-written last
+    line): each written anew beside the old one, then swapped in. A run folder from before run.json
+    counted steps from 0: its rows are renumbered from 1 on the way. Returns '' or why a write
+    failed (a full disk), with every file as it was."""
+    paths = [p for p in (os.path.join(out_dir, n) for n in LOGS) if os.path.exists(p)]
+    shift = 0 if os.path.exists(os.path.join(out_dir, "run.json")) else 1
     try:
         for path in paths:
             with open(path, encoding="utf-8", errors="replace") as src, open(path + ".tmp", "w") as dst:
                 for line in src:
                     try:
-                        if json.loads(line)["step"] < step:  # a row's step counts from 0
-                            dst.write(line if line.endswith("\n") else line + "\n")
+                        row = json.loads(line)
+                        if row["step"] + shift <= step:
+                            dst.write(json.dumps(dict(row, step=row["step"] + shift)) + "\n" if shift else
+                                      line if line.endswith("\n") else line + "\n")
                     except ValueError:
                         pass  # the half-written last line of a run killed during the append
                 dst.flush()
@@ -201,23 +208,31 @@ def trim_logs(out_dir, step):
         return f"cannot rewrite {path} to drop the rows after step {step}: {e.strerror}"
     for path in paths:
         os.replace(path + ".tmp", path)
+    if shift:  # renumbered: prepare() writes run.json in full, this says so should the run stop before it
+        with open(os.path.join(out_dir, "run.json"), "w") as f:
+            json.dump({}, f)
     return ""
 
 
-def prepare(out_dir, state):
+def prepare(out_dir, state, config):
     """Before the first step, on the master: remove a checkpoint whose writer was killed, and for a
     new run in a folder with logs but no checkpoint (resume='auto' after a run killed before its
-    first save) move the old logs aside, never mixing them with the new. Returns the run's id."""
+    first save) move the old logs aside, never mixing them with the new. Write run.json (the run's
+    id and settings; its presence says that the logs count steps from 1). Returns the run's id."""
     for tmp in glob.glob(os.path.join(out_dir, ".tmp_ckpt_*")):
         shutil.rmtree(tmp)
-    logs = [f for f in ("metrics.jsonl", "rollouts.jsonl") if os.path.exists(os.path.join(out_dir, f))]
+    logs = [f for f in LOGS + ("references.jsonl", "run.json") if os.path.exists(os.path.join(out_dir, f))]
     if not state and logs:
         aside = os.path.join(out_dir, f"abandoned_{time.strftime('%Y%m%d-%H%M%S')}")
         os.makedirs(aside)
         for f in logs:
             os.rename(os.path.join(out_dir, f), os.path.join(aside, f))
         print(f"{out_dir} held logs but no checkpoint: starting over, the old logs moved to {aside}")
-    return state.get("run_id") or f"{time.strftime('%Y%m%d%H%M%S')}{random.Random().randrange(16 ** 6):06x}"
+    run_id = state.get("run_id") or f"{time.strftime('%Y%m%d%H%M%S')}{random.Random().randrange(16 ** 6):06x}"
+    with open(os.path.join(out_dir, "run.json.tmp"), "w") as f:
+        json.dump(dict(run_id=run_id, config=config), f, indent=1)
+    os.replace(os.path.join(out_dir, "run.json.tmp"), os.path.join(out_dir, "run.json"))
+    return run_id
 
 # -----------------------------------------------------------------------------
 # stopping at a safe point: SIGTERM (a cluster's preemption), Ctrl-C, a peer that died
@@ -237,7 +252,7 @@ def watch(run, ddp, dist_timeout_s):
 
     def on_error(kind, e, tb):
         if ddp and isinstance(e, RuntimeError) and any(w in str(e) for w in ("gloo", "NCCL", "Connection", "imed out")):
-            where = f"step {run['step'] + 1}" if run["step"] >= 0 else "start-up"
+            where = f"step {run['step']}" if run["step"] else "start-up"
             print(f"error: {where}: a collective with the other ranks failed: {str(e).splitlines()[0][:300]}. A rank "
                   f"died, or waited dist_timeout_s={dist_timeout_s:g} for a stuck one; the newest checkpoint continues "
                   "the run (--resume=auto)", file=sys.stderr, flush=True)
@@ -251,11 +266,13 @@ def watch(run, ddp, dist_timeout_s):
 # the run's logs: one row a step in metrics.jsonl, every story in rollouts.jsonl, the step line
 
 
-def log_step(out_dir, step, max_steps, groups, ids, acc, stopping, rank=0, world=1, wandb=None):
+def log_step(out_dir, step, max_steps, groups, ids, acc, stopping, held=None, rank=0, world=1, wandb=None):
     """Reduce a step's metrics over the ranks ([sum, count] pairs for the means, plain sums for
     the totals, one all_reduce each), print the step line, append metrics.jsonl and rollouts.jsonl
-    on the master. groups: this rank's lists of Stories; ids: their (group, row id).
-    Returns the metrics, and whether any rank was asked to stop."""
+    on the master. groups: this rank's lists of Stories; ids: their (group, data row); held: the
+    step's held-out metrics, when it was evaluated. rollouts.jsonl has a row a story, the group's
+    prompt on its first, the judge's reply on each; a human reference's text goes once per run to
+    references.jsonl, its rows name it by id. Returns the metrics, and whether any rank was asked to stop."""
     rolls = [s for g in groups for s in g if not s.is_ref]
     refs = [s for g in groups for s in g if s.is_ref and not math.isnan(s.judged["reward"])]
 
@@ -293,24 +310,55 @@ def log_step(out_dir, step, max_steps, groups, ids, acc, stopping, rank=0, world
         m[k] /= world  # mean seconds per rank
     m.update(step=step, t_step=time.time() - acc["t0"], grad_norm=acc["grad_norm"], skipped=acc["skipped"], lr=acc["lr"],
              gen_tok_per_s=m["gen_tokens"] / max(m["t_generate"] * world, 1e-9),
-             train_tok_per_s=m["train_tokens"] / max(m["t_train"] * world, 1e-9))
-    records = [dict(step=step, group=gid, id=i, is_ref=s.is_ref, story=s.text, thinking_words=rubric.count_words(s.thinking),
-                    truncated=s.truncated, adv=s.adv, **{k: s.judged[k] for k in ("reward", "sq", "ratio", "scores", "error")})
-               for (gid, i), g in zip(ids, groups) for s in g]
+             train_tok_per_s=m["train_tokens"] / max(m["t_train"] * world, 1e-9), **(held or {}))
+    records = [dict(step=step, group=gid, id=row["id"], **(dict(prompt=row["prompt"], target_words=row["target_words"])
+                                                           if j == 0 else {}),
+                    is_ref=s.is_ref, story=None if s.is_ref else s.text, thinking_words=rubric.count_words(s.thinking),
+                    truncated=s.truncated, adv=s.adv, judge_reply=s.judged["reply"],
+                    **{k: s.judged[k] for k in ("reward", "sq", "ratio", "scores", "error")})
+               for (gid, row), g in zip(ids, groups) for j, s in enumerate(g)]
+    references = [dict(id=row["id"], prompt=row["prompt"], target_words=row["target_words"], story=row["story"])
+                  for (_, row), g in zip(ids, groups) if any(s.is_ref for s in g)]
     if world > 1:
         gathered = [None] * world if rank == 0 else None
-        dist.gather_object(records, gathered, dst=0)
-        records = [r for part in (gathered or []) for r in part]
+        dist.gather_object((records, references), gathered, dst=0)
+        records, references = ([r for part in (gathered or []) for r in part[k]] for k in (0, 1))
     if rank == 0:  # what a person watches; everything else is in metrics.jsonl (docs/training.md)
-        print(f"step {step + 1}/{max_steps} | reward {m['reward']:.1f} (ref {m['ref_reward']:.1f}) | sq {m['sq']:.1f} | "
+        print(f"step {step}/{max_steps} | reward {m['reward']:.1f} (ref {m['ref_reward']:.1f}) | sq {m['sq']:.1f} | "
               f"len {m['length_ratio']:.2f} | entropy {m['entropy']:.2f} | gnorm {m['grad_norm']:.2f}"
               + (" SKIPPED" if m["skipped"] else "") + (f" | judge fail {m['judge_failures']:.0f}" if m["judge_failures"]
-                                                        else "") + f" | ${m['judge_cost']:.2f} | {m['t_step']:.0f}s",
-              flush=True)
+                                                        else "") + (heldout_line(m) if held else "")
+              + f" | ${m['judge_cost']:.2f} | {m['t_step']:.0f}s", flush=True)
         with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(m) + "\n")
         with open(os.path.join(out_dir, "rollouts.jsonl"), "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
+        new_references(out_dir, references)
         if wandb:
             wandb.log(m, step=step)  # a wandb Run
     return m, stopping
+
+
+def heldout_line(m):
+    return f" | heldout sq {m['heldout_sq']:.1f} (n {m['heldout_n']})"
+
+
+_written = {}  # out_dir -> the ids in its references.jsonl
+
+
+def new_references(out_dir, references):
+    """Append the human references that references.jsonl does not hold yet: each once per run."""
+    path = os.path.join(out_dir, "references.jsonl")
+    if out_dir not in _written:  # once a run: what is there, less a line half-written when a run was killed
+        lines = open(path, encoding="utf-8").read().split("\n") if os.path.exists(path) else []
+        whole = [line for line in lines[:-1] if line]
+        if lines and lines[-1]:
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(line + "\n" for line in whole)
+            os.replace(path + ".tmp", path)
+        _written[out_dir] = {json.loads(line)["id"] for line in whole}
+    new = [r for r in {r["id"]: r for r in references}.values() if r["id"] not in _written[out_dir]]
+    if new:
+        with open(path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in new)
+        _written[out_dir] |= {r["id"] for r in new}

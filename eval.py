@@ -191,7 +191,7 @@ def wilson(rate, n, z=1.96):
     if not n:
         return (math.nan, math.nan)
     mid, half = rate + z * z / (2 * n), z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
-    return ((mid - half) / (1 + z * z / n), (mid + half) / (1 + z * z / n))
+    return (max(0.0, (mid - half) / (1 + z * z / n)), min(1.0, (mid + half) / (1 + z * z / n)))
 
 
 def kappa(first, second, labels):
@@ -402,13 +402,17 @@ def read_annotations(folder):
     files = sorted(glob.glob(os.path.join(folder, "*.jsonl")))
     if not files:
         raise ValueError(f"{folder}: no annotation files (NAME.jsonl, written by --task=annotate)")
-    votes = []
+    votes, studies = [], {}
     for f in files:
         for line, r in read_jsonl(f, numbered=True, repair=False):
             if not (isinstance(r, dict) and "id" in r and r.get("choice") in ("A", "B", "tie")
                     and all(isinstance(r.get(k), str) and r[k] for k in ("model_a", "model_b"))):
                 raise ValueError(f"{f}:{line}: an annotation needs id, model_a, model_b and a choice A, B or tie")
+            studies.setdefault(r.get("study"), f)
             votes.append((os.path.basename(f)[: -len(".jsonl")], r["id"], r["model_a"], r["model_b"], r["choice"]))
+    if len(studies) > 1:  # the same prompt id in two studies would merge two items
+        raise ValueError(f"{folder} holds the choices of several studies ({', '.join(f'{s} in {f}' for s, f in studies.items())}): "
+                         "give each study its own folder")
     return votes
 # -----------------------------------------------------------------------------
 # tables: each a (head, rows) pair, printed as markdown and shown as HTML
@@ -584,7 +588,7 @@ def generate():
     rows = read_jsonl(prompts, must_exist=True)
     for k, r in enumerate(rows, 1):
         t = r.get("target_words")
-        if not r.get("id") or not r.get("prompt") or isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= preflight.MAX_TARGET_WORDS:
+        if r.get("id") in (None, "") or not r.get("prompt") or isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= preflight.MAX_TARGET_WORDS:
             fail(f"{prompts}: row {k} needs id, prompt and a positive integer target_words")
     rows = rows[:limit] if limit else rows
     done = {r["id"] for r in read_jsonl(out)}
@@ -886,14 +890,22 @@ def stories_html(gens_file, label, rows):
     return f"<h3>{pages.esc(label)} ({len(rows)} stories)</h3>" + "".join(parts)
 
 
-TASKS = dict(generate=generate, score=score, pairwise=pairwise, elo=elo, study=draw_study, annotate=annotate, report=report)
+def rollouts():
+    """A training run in the browser: its charts and each step's stories, served until Ctrl-C."""
+    if not run or not any(os.path.exists(os.path.join(run, f)) for f in ("metrics.jsonl", "rollouts.jsonl")):
+        fail(f"--task=rollouts needs --run=OUT_DIR, a training run's folder: {run!r} holds no metrics.jsonl or rollouts.jsonl")
+    pages.serve(pages.run_viewer(run), host, port, f"the run viewer for {run}")
+
+
+TASKS = dict(generate=generate, score=score, pairwise=pairwise, elo=elo, study=draw_study, annotate=annotate, report=report,
+             rollouts=rollouts)
 
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     from configurator import check_ranges, configure
     # task
-    task = "generate"  # generate | score | pairwise | elo | study | annotate | report
+    task = "generate"  # generate | score | pairwise | elo | study | annotate | report | rollouts
     prompts = "data/eval/prompts.jsonl"
     out = ""  # generate: the generations file; elo: ratings.json; study: the study file; report: report.md
     gens = ""  # comma-separated generation files (score, pairwise, study, report)
@@ -909,7 +921,8 @@ if __name__ == "__main__":
     study = ""  # annotate: the study file
     annotator = ""  # annotate: the annotator's name, which names annotations/NAME.jsonl
     annotations = ""  # report: the folder of annotation files
-    host, port = "127.0.0.1", 0  # annotate: the page's address (port 0: any free one); off 127.0.0.1 a token is asked
+    run = ""  # rollouts: a training run's out_dir
+    host, port = "127.0.0.1", 0  # annotate, rollouts: the page's address (port 0: any free one); elsewhere a token is asked
     # generation: within the card's recommended ranges; no presence penalty (the card allows 0.0-1.5;
     # training uses 1.0 against loops in long rollouts, evaluation measures the model as it is)
     model = ""  # a checkpoint folder or hub id, or the model name at api_url

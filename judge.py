@@ -19,7 +19,7 @@ import urllib3
 import judge_http as http
 import rubric
 from configurator import redact_url
-from judge_http import DEFAULTS, RANGES, JudgeError, JudgeFatal, stop  # noqa: F401 -- for the scripts
+from judge_http import DEFAULTS, RANGES, JudgeError, JudgeFatal, judged, stop  # noqa: F401 -- for the scripts
 
 
 class Judge:
@@ -85,6 +85,7 @@ class Judge:
             except JudgeError as e:
                 out["fatal"] = isinstance(e, JudgeFatal)
                 return None, str(e)
+            out["reply"] = reply["content"]  # the judge's analysis and scores, kept for a person to read
             t_in, t_out = (http.count(reply["usage"], k) for k in http.TOKENS)
             out["tokens_in"] += t_in or 0
             out["tokens_out"] += t_out or 0
@@ -164,7 +165,7 @@ class Judge:
 
 
 def blank():
-    return dict(scores=None, error=None, fatal=False, tokens_in=0, tokens_out=0, cost=0.0, cached=0, unpriced=0)
+    return dict(scores=None, error=None, fatal=False, reply=None, tokens_in=0, tokens_out=0, cost=0.0, cached=0, unpriced=0)
 
 
 def judge_from_config(c, cache_dir=None):

@@ -3,6 +3,8 @@ The judge's plumbing, kept out of judge.py so that it shows the request, the par
 reading a reply under one deadline and a byte cap, the checks a reply must pass, the disk cache
 (never a failure in it), keys kept out of messages, and `python judge.py`'s command line.
 """
+import collections
+import concurrent.futures
 import email.utils
 import hashlib
 import json
@@ -166,6 +168,38 @@ def usage(results):
     """Sum the judge usage of a list of results."""
     return dict(n=len(results), failures=sum(r["error"] is not None for r in results),
                 **{k: sum(r.get(k, 0) for r in results) for k in ("tokens_in", "tokens_out", "cost", "cached", "unpriced")})
+
+
+def wait(futures, stop):
+    """Wait for every future, woken twice a second to see a stop signal: False if one came."""
+    while not stop and concurrent.futures.wait(futures, timeout=0.5).not_done:
+        pass
+    return not stop
+
+
+def judged(pending, stop, world=1, max_fail_frac=0.5):
+    """Step 3's end, every rank together: wait for this rank's (story, future) pairs, give each
+    story its result, and agree over the ranks whether to go on. Returns (stopping, why): a stop
+    signal on any rank, or the reason no update may follow (a failure no retry fixes, or more than
+    max_fail_frac of the step's stories unscored, with the reasons counted over the ranks)."""
+    if wait([f for _, f in pending], stop):
+        for story, future in pending:
+            story.judged = future.result()
+    mine = dict(asked=len(pending), fatal=sum(not stop and s.judged["fatal"] for s, _ in pending), stop=len(stop),
+                errors=collections.Counter(s.judged["error"] for s, _ in pending if not stop and s.judged["error"]))
+    health = [mine]
+    if world > 1:
+        import torch.distributed as dist
+        health = [None] * world
+        dist.all_gather_object(health, mine)
+    asked, fatal, stopping = (sum(h[k] for h in health) for k in ("asked", "fatal", "stop"))
+    errors = sum((h["errors"] for h in health), collections.Counter())
+    if stopping or not (fatal or errors.total() > max_fail_frac * asked):
+        return bool(stopping), None
+    why = "a judge failure that no retry can fix" if fatal else f"{errors.total()} of {asked} stories could not be " \
+        f"scored (judge_max_fail_frac={max_fail_frac})"
+    return False, f"{why}; stopped before the update and checkpoint. Reasons: " + "; ".join(
+        f"{n} x {e}" for e, n in errors.most_common(5))
 
 
 def stop(judge, message):

@@ -13,10 +13,16 @@ import hashlib
 import hmac
 import html
 import http.cookies
+import json
 import math
+import os
+import re
 import secrets
+import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import rubric
 
 
 def esc(x):
@@ -95,6 +101,7 @@ def chart(title, series, y_label="", x_labels=None, x_label="", mark=None, w=560
     if not pts:
         return f"<p class=muted>{esc(title)}: nothing to plot yet.</p>"
     pts += [(pts[0][0], mark[0])] if mark else []
+    series = [(name, ps) for name, ps in series if any(y is not None and math.isfinite(y) for _, y, _, _ in ps)]
     yt = _ticks(min(v for _, v in pts), max(v for _, v in pts))
     xs = sorted(x_labels) if x_labels else [x for x, _ in pts]
     x0, x1 = (min(xs) - 0.5, max(xs) + 0.5) if x_labels else (min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1)
@@ -106,7 +113,8 @@ def chart(title, series, y_label="", x_labels=None, x_label="", mark=None, w=560
     for t in yt:
         out.append(f"<line x1={left} x2={w - right} y1={Y(t):.1f} y2={Y(t):.1f} stroke=#e4e4e4 />"
                    f"<text x={left - 6} y={Y(t) + 4:.1f} text-anchor=end font-size=12>{t:g}</text>")
-    for x in (sorted(x_labels) if x_labels else _ticks(x0, x1, 6)):
+    whole = all(float(x).is_integer() for x in xs)  # steps: no tick between two of them
+    for x in (sorted(x_labels) if x_labels else [t for t in _ticks(x0, x1, 6) if not whole or float(t).is_integer()]):
         if x0 <= x <= x1:
             out.append(f"<text x={X(x):.1f} y={h - bottom + 16} text-anchor=middle font-size=12>"
                        f"{esc(x_labels[x]) if x_labels else f'{x:g}'}</text>")
@@ -164,6 +172,8 @@ def serve(app, host, port, what, script=""):
         def answer(self, method):
             url = urllib.parse.urlsplit(self.path)
             params = dict(urllib.parse.parse_qsl(url.query))
+            if not token and urllib.parse.urlsplit("//" + self.headers.get("Host", "")).hostname not in LOOPBACK:
+                return self.send(403, page("Refused", "<h1>This page answers only to 127.0.0.1.</h1>"))  # DNS rebinding
             if method == "POST":
                 size = int(self.headers.get("Content-Length") or 0)
                 params.update(urllib.parse.parse_qsl(self.rfile.read(min(size, 1_000_000)).decode("utf-8", "replace")))
@@ -283,3 +293,152 @@ def story_details(summary, prompt, story, scores=None, extra=""):
         + "</table>"
     return (f"<details><summary>{esc(summary)}</summary><div class=prompt>{esc(prompt)}</div>{extra}"
             f"<div class=story>{esc(story)}</div>{table_}</details>")
+
+# -----------------------------------------------------------------------------
+# the run viewer: a training run's charts and stories, read from its out_dir as it grows
+
+
+class LineIndex:
+    """Where each line of a JSONL file starts, by a key read off the line's head ("step" or "id"),
+    so that a step of a 150 MB rollouts.jsonl is read when asked, never the whole file into
+    memory. Lines are indexed as they are completed, so a run that is still writing is followed; a
+    file that shrank (rewritten on resume) is indexed again from its start."""
+
+    def __init__(self, path, key):
+        self.path, self.head = path, re.compile(rb'^\{"' + key.encode() + rb'": ("(?:[^"\\]|\\.)*"|-?\d+)')
+        self.key, self.offsets, self.done, self.inode = key, {}, 0, None
+
+    def refresh(self):
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return self
+        if st.st_size < self.done or st.st_ino != self.inode:
+            self.offsets, self.done, self.inode = {}, 0, st.st_ino
+        with open(self.path, "rb") as f:
+            f.seek(self.done)
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # being written: indexed once it is whole
+                m = self.head.match(line)
+                try:
+                    k = json.loads(m.group(1)) if m else json.loads(line)[self.key]
+                    self.offsets.setdefault(k, []).append(self.done)
+                except (ValueError, KeyError, TypeError):
+                    pass  # not a row of this file's kind
+                self.done += len(line)
+        return self
+
+    def rows(self, k):
+        out = []
+        if k not in self.offsets:
+            return out
+        with open(self.path, "rb") as f:
+            for at in self.offsets.get(k, []):
+                f.seek(at)
+                out.append(json.loads(f.readline()))
+        return out
+
+
+def run_viewer(out_dir):
+    """app(method, path, params) for a run folder: the charts of metrics.jsonl, and a step's groups
+    from rollouts.jsonl. A folder from before run.json counted steps from 0 in its files and kept
+    each reference's text in its rows: shown with steps from 1 all the same."""
+    rollouts, refs = LineIndex(os.path.join(out_dir, "rollouts.jsonl"), "step"), LineIndex(
+        os.path.join(out_dir, "references.jsonl"), "id")
+    lock = threading.Lock()  # the indexes grow as they are read: one request at a time
+
+    def app(method, route, params):
+        with lock:
+            return answer(route, params)
+
+    def answer(route, params):
+        if route != "/":
+            return 404, page("Not found", "<h1>Not found</h1>"), {}
+        shift = 0 if os.path.exists(os.path.join(out_dir, "run.json")) else 1
+        steps = sorted(s + shift for s in rollouts.refresh().offsets)
+        refs.refresh()
+        metrics = {}
+        for line in open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") if os.path.exists(
+                os.path.join(out_dir, "metrics.jsonl")) else []:
+            try:
+                r = json.loads(line)
+                metrics.setdefault(r["step"] + shift, {}).update(r, step=r["step"] + shift)
+            except ValueError:
+                pass  # the line being written
+        try:
+            step = int(params.get("step") or (steps[-1] if steps else 0))
+        except ValueError:
+            return 400, page("Bad step", f"<h1>No step {esc(params.get('step'))}</h1>"), {}
+        latest = "step" not in params
+        stories = rollouts.rows(step - shift)
+        for r in stories:
+            if r.get("story") is None and r.get("is_ref"):
+                r["story"] = next((x["story"] for x in refs.rows(r["id"])), "(the reference's text is not in references.jsonl)")
+        body = run_page(out_dir, steps, step, metrics, stories)
+        if latest:  # the newest step follows the run: the browser asks again every 30 seconds
+            body = body.replace("<title>", "<meta http-equiv=refresh content=30><title>", 1)
+        return 200, body, {}
+    return app
+
+
+def run_charts(metrics):
+    rows = [metrics[s] for s in sorted(metrics)]
+    line = lambda key: [(r["step"], r[key], None, None) for r in rows if isinstance(r.get(key), (int, float))]
+    charts = [("Reward", [("stories", line("reward")), ("human references", line("ref_reward"))], "reward"),
+              ("Story Quality", [("stories (training judge)", line("sq")), ("held-out (evaluation judge)",
+                                                                          line("heldout_sq"))], "SQ"),
+              ("Length ratio", [("stories", line("length_ratio")), ("held-out", line("heldout_length_ratio"))],
+               "words / requested"),
+              ("HRI: the reference's advantage, rank", [("ref_adv", line("ref_adv")), ("ref_rank", line("ref_rank"))], ""),
+              ("HRI: reference NLL, policy entropy", [("ref_nll", line("ref_nll")),
+                                                                    ("entropy", line("entropy"))], "nats a token")]
+    return "".join(chart(t, s, y_label=y, x_label="step", w=390, h=240) for t, s, y in charts)
+
+
+def story_card(r, label):
+    judged = r.get("error")
+    scores = r.get("scores") or {}
+    facts = (f"reward {r['reward']:.1f} &middot; advantage {r['adv']:+.2f} &middot; SQ {r['sq']:.1f} &middot; "
+             f"{rubric.count_words(r['story'])} words, ratio {r['ratio']:.2f}" + (" &middot; truncated" if r.get("truncated") else ""))
+    return (f"<div class='card{' ref' if r.get('is_ref') else ''}'><b>{esc(label)}</b><br><span class=muted>{facts}</span>"
+            + (f"<p class=fail>judge failed: {esc(judged)}</p>" if judged else "")
+            + ("<details><summary>16 scores</summary><table class=scores>" + "".join(
+                f"<tr><td>{esc(k)}</td><td class=n>{'N/A' if v is None else esc(f'{v:g}')}</td></tr>" for k, v in scores.items())
+               + "</table></details>" if scores else "")
+            + (f"<details><summary>the judge's reply</summary><div class=story style='font-size:14px'>{esc(r['judge_reply'])}"
+               "</div></details>" if r.get("judge_reply") else "")
+            + f"<div class=story style='max-height:24em;overflow-y:auto;font-size:15px'>{esc(r['story'])}</div></div>")
+
+
+def run_page(out_dir, steps, step, metrics, stories):
+    """A step of a run: the charts, the step's numbers, its best and worst story, and each group's
+    stories side by side beside its prompt, the human reference marked."""
+    nav = "".join(f"<a href='/?step={s}'>{label}</a>" for s, label in (
+        (steps[0] if steps else None, "first"), (step - 1, "previous"), (step + 1, "next"), (steps[-1] if steps else None, "latest"))
+        if s in steps)
+    form = (f"<form method=get style='display:inline'>step <input name=step type=number min=1 value={step} "
+            f"style='width:5em'> <button>show</button></form> of {len(steps)} logged")
+    m = metrics.get(step, {})
+    numbers = " &middot; ".join(f"{k} {m[k]:.2f}" for k in ("reward", "ref_reward", "sq", "length_ratio", "entropy",
+                                                            "ref_adv", "ref_nll", "heldout_sq") if isinstance(m.get(k), (int, float)))
+    body = [f"<h1>{esc(out_dir)}: step {step}</h1><nav>{nav} {form}</nav>", run_charts(metrics),
+            f"<h2>Step {step}</h2><p>{numbers or 'no metrics for this step'}</p>"]
+    if not stories:
+        return page(f"{out_dir} step {step}", "".join(body) + "<p class=muted>No stories logged at this step yet.</p>")
+    rolled = sorted((r for r in stories if not r.get("is_ref") and r["reward"] == r["reward"]), key=lambda r: r["reward"])
+    if rolled:
+        body.append("<h2>The best and the worst story of the step</h2><div class=pair>"
+                    + story_card(rolled[-1], f"best: group {rolled[-1]['group']}, {rolled[-1]['id']}")
+                    + story_card(rolled[0], f"worst: group {rolled[0]['group']}, {rolled[0]['id']}") + "</div>")
+    groups = {}
+    for r in stories:
+        groups.setdefault(r["group"], []).append(r)
+    for g, rs in sorted(groups.items()):
+        prompt = next((r["prompt"] for r in rs if r.get("prompt")), None)
+        body.append(f"<h2>Group {g}: {esc(rs[0]['id'])}</h2><div class=prompt>"
+                    + (esc(prompt) if prompt else "<span class=muted>(this run's logs do not record the prompt)</span>")
+                    + "</div><div class=grid>" + "".join(
+                        story_card(r, "human reference" if r.get("is_ref") else f"story {j + 1}") for j, r in enumerate(rs))
+                    + "</div>")
+    return page(f"{out_dir} step {step}", "".join(body))

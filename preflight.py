@@ -2,10 +2,11 @@
 Everything that refuses a bad run before its first step, so that a typo costs seconds, not GPU
 hours: the config's ranges and choices, out_dir and resume, the data (each bad row named as
 path:line), the memory plan, one real judge call, and the lock that keeps one run per out_dir.
-Each check exits non-zero with `error: ...` naming the key, file or line.
+Each check exits non-zero with `error: ...` naming the key, file or line. torch and the model code
+are imported by the checks that use them, so that eval.py's pages, which read rows and take locks
+here, start without them.
 """
 import atexit
-import concurrent.futures
 import glob
 import hashlib
 import json
@@ -17,13 +18,8 @@ import sys
 import threading
 import time
 
-import torch
-import torch.distributed as dist
-
-import checkpoint
-import rollout
+import judge_http
 import rubric
-import tiny
 from configurator import check_ranges
 
 # the allowed values of train.py's own settings (the judge's live in judge.py)
@@ -31,7 +27,7 @@ RANGES = dict(learning_rate="> 0", max_steps=">= 1", save_interval=">= 1", keep_
               batch_groups=">= 1", max_ref_words=">= 1", weight_decay=">= 0", ref_shaping_gamma=">= 0", tis_cap=">= 0",
               dist_timeout_s="> 0", lock_stale_s="> 0", beta1="[0, 1)", beta2="[0, 1)", grad_clip=">= 0",
               micro_batch_tokens=">= 1", logprob_chunk=">= 1", piece_numel=">= 1", clip_low="> 0", clip_high="> 0",
-              kl_coef=">= 0", num_iterations=">= 1", device_memory_gb=">= 0")
+              kl_coef=">= 0", num_iterations=">= 1", device_memory_gb=">= 0", eval_interval=">= 0")
 CHOICES = dict(loss_norm=("token", "seq", "constant"), scale_rewards=("group", "none"), dtype=("float32", "bfloat16"),
                resume=(False, True, "auto"))
 
@@ -79,6 +75,7 @@ def check_config(c, world_size, judge_ranges):
 def find_checkpoint(out_dir, resume, resume_from):
     """The checkpoint this run continues, or None for a new run. A new run never mixes into an
     old one; a damaged checkpoint is named with the newest whole one."""
+    import checkpoint
     ckpts = sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))
     logs = any(os.path.exists(os.path.join(out_dir, f)) for f in ("metrics.jsonl", "rollouts.jsonl"))
     if resume is True and not ckpts and not resume_from:
@@ -98,6 +95,7 @@ def find_checkpoint(out_dir, resume, resume_from):
 def check_resume(ckpt, config, data_sha):
     """Every rank reads the checkpoint's state: the settings that decide the data order and the
     batch must be the saved ones."""
+    import torch
     state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
     was = dict(state["config"], train_data_sha256=state["data_sha256"])
     now = dict(config, train_data_sha256=data_sha)
@@ -112,9 +110,13 @@ def check_resume(ckpt, config, data_sha):
 def load_data(c, ckpt):
     """The tokenizer, the model's config (and the tiny model, built now: its tokenizer is trained on
     the data), and the training rows, every bad one named as path:line, a prompt or reference too
-    long for the model's positions too. Returns (tok, config, tiny model or None, rows, sha256 of
-    the file, the longest sequence a row makes)."""
+    long for the model's positions too, and the held-out rows when eval_interval is set. Returns
+    (tok, config, tiny model or None, rows, held-out rows, sha256 of the training file, the
+    longest sequence a row makes)."""
     from transformers import AutoConfig, AutoTokenizer
+
+    import rollout
+    import tiny
     longest, path, tiny_model = 0, c["train_data"], None
     try:
         if c["init_from"] == "tiny" and not ckpt:  # the rows are checked before the tokenizer learns from them
@@ -141,13 +143,25 @@ def load_data(c, ckpt):
         if m > positions:
             return f"the prompt and its reference story are {m:,} tokens, more than the model's {positions:,}"
     specials = sorted(set(CHAT_MARKERS) | set(tok.all_special_tokens))
+    key = "train_data"
     try:
         rows = load_rows(path, max_words=c["max_ref_words"], special_tokens=specials, check=too_long)
+        key, eval_rows = "eval_data", []  # the held-out rows: their prompts, with max_new_tokens, must fit too
+        if c["eval_interval"] and not c["eval_data"]:
+            fail(f"eval_interval={c['eval_interval']} needs eval_data, held-out rows in train_data's format")
+        if c["eval_interval"]:
+            eval_rows = load_rows(c["eval_data"], max_words=None, special_tokens=specials,
+                                  check=lambda row: too_long(dict(row, story="")))
+            trained = {t["id"] for t in rows} | {t["prompt"] for t in rows}
+            seen = [r["id"] for r in eval_rows if r["id"] in trained or r["prompt"] in trained]
+            if seen:  # held out means never trained on
+                fail(f"eval_data: {len(seen)} of its rows are in train_data too (id {seen[0]!r} first): held-out prompts "
+                     "must not be trained on")
     except FileNotFoundError as e:
-        fail(f"train_data: {e}")
+        fail(f"{key}: {e}")
     except (OSError, ValueError) as e:
         fail(str(e))
-    return tok, config, tiny_model, rows, hashlib.sha256(open(path, "rb").read()).hexdigest(), longest
+    return tok, config, tiny_model, rows, eval_rows, hashlib.sha256(open(path, "rb").read()).hexdigest(), longest
 
 
 # data: one JSON object per line, {"id", "prompt", "target_words", "story"}
@@ -284,20 +298,20 @@ def quiet(device):
         transformers.utils.logging.disable_progress_bar()
 
 
-def probe_judge(judge, row, stop):
+def probe_judge(judge, rows, stop):
     """One real judge call before the weights load: a rejected key, a wrong URL or model stops here."""
-    probe = judge.submit(row["prompt"], row["target_words"], row["story"])
-    while not stop and concurrent.futures.wait([probe], timeout=0.5).not_done:
-        pass  # woken twice a second to see Ctrl-C
-    if stop:
-        import judge as judge_lib
-        judge_lib.stop(judge, f"stopped by {stop[0]} before the first step")
+    if not judge:
+        return
+    probe = judge.submit(rows[0]["prompt"], rows[0]["target_words"], rows[0]["story"])
+    if not judge_http.wait([probe], stop):
+        judge_http.stop(judge, f"stopped by {stop[0]} before the first step")
     if probe.result()["fatal"]:
         fail(f"the judge cannot be used: {probe.result()['error']}")
 
 
 def check_ranks(start_step, data_sha, world_size):
     """Every node must see the same out_dir (one shared folder) and the same training data."""
+    import torch.distributed as dist
     views = [None] * world_size
     dist.all_gather_object(views, (start_step, data_sha))
     if len({v[0] for v in views}) > 1:

@@ -82,8 +82,7 @@ class PresencePenalty(LogitsProcessor):
 
 
 def split_thinking(text, enable_thinking, truncated):
-    """-> (thinking, story, truncated_in_thinking): the story follows </think>; with thinking on and
-    no </think>, everything was thinking."""
+    """-> (thinking, story, truncated_in_thinking): the story follows </think>; thinking on and none: all thinking."""
     if "</think>" in text:
         thinking, story = text.split("</think>", 1)
         return thinking.replace("<think>", "").strip(), story.strip(), False

@@ -21,9 +21,9 @@ Each step takes batch_groups prompts, each rank whole groups, and for each group
    shaping of the reference's tokens, a KL term, batch reuse (num_iterations).
 6. Update over ranks. Backward sends each gradient to the rank that owns its parameter (fp32 sums,
    optim.py); global-norm clipping; AdamW on the owners' fp32 masters; the owners broadcast.
+Steps count from 1; every eval_interval steps an evaluation judge (eval_judge_*) scores held-out prompts.
 """
 import collections
-import concurrent.futures
 import dataclasses
 import datetime
 import math
@@ -38,6 +38,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint
+import heldout
 import judge as judge_lib
 import preflight
 import rollout
@@ -94,6 +95,9 @@ judge_max_tokens, judge_max_reply_bytes = 8192, 1_000_000  # the reply's cap in 
 judge_max_fail_frac = 0.5  # stop the run when more of a step's stories than this could not be scored
 judge_price_in, judge_price_out = 0.50, 3.00  # dollars per million tokens
 length_weight = 25.0  # reward = SQ - length_weight * (1 - length score)
+# held-out evaluation (heldout.py): at step 0, every eval_interval steps (0: never) and the last
+eval_interval, eval_data = 0, ""  # eval_data: JSONL rows like train_data's
+globals().update({f"eval_{k}": None for k in heldout.JUDGE_KEYS})  # eval_judge_url, ...: None = as judge_url, ...
 # -----------------------------------------------------------------------------
 config = configure(globals())
 safe_config = {k: redact_url(v) if isinstance(v, str) else v for k, v in config.items()}  # no key from a URL is stored
@@ -103,7 +107,7 @@ ddp_rank = int(os.environ.get("RANK", 0))
 ddp_local_rank = int(os.environ.get("LOCAL_RANK", 0))
 ddp_world_size = int(os.environ.get("WORLD_SIZE", 1))
 master_process = ddp_rank == 0
-run = dict(stop=[], phase="starting", step=-1)  # what SIGTERM or Ctrl-C interrupts, and the signal's name
+run = dict(stop=[], phase="starting", step=0)  # what SIGTERM or Ctrl-C interrupts, and the signal's name
 checkpoint.watch(run, ddp, dist_timeout_s)
 stop = run["stop"]
 
@@ -112,9 +116,10 @@ stop = run["stop"]
 ref_fixed = preflight.check_config(config, ddp_world_size, judge_lib.RANGES)
 ckpt = preflight.find_checkpoint(out_dir, resume, resume_from)  # the checkpoint this run continues, or None
 import transformers  # noqa: E402
-tok, model_config, model, rows, data_sha, longest = preflight.load_data(config, ckpt)  # model: the tiny one
+tok, model_config, model, rows, eval_rows, data_sha, longest = preflight.load_data(config, ckpt)  # model: tiny's
 try:
     judge = judge_lib.judge_from_config(config, cache_dir=os.path.join(out_dir, "judge_cache"))
+    eval_judge = heldout.judge(config, cache_dir=os.path.join(out_dir, "judge_cache"))  # None: eval_interval 0
 except (OSError, ValueError) as e:
     fail(str(e))
 state = preflight.check_resume(ckpt, config, data_sha) if ckpt else {}
@@ -122,8 +127,7 @@ state = preflight.check_resume(ckpt, config, data_sha) if ckpt else {}
 # -----------------------------------------------------------------------------
 # ranks: about fifteen lines, no wrapper
 if ddp:
-    # CPU tensors (the per-step agreements) go over gloo, GPU tensors (gradients, weights) over
-    # nccl; a rank that waits dist_timeout_s for the others raises instead of waiting forever
+    # CPU tensors (agreements) over gloo, GPU tensors over nccl; a collective raises after dist_timeout_s
     gpu = torch.cuda.is_available()
     dist.init_process_group(backend="cpu:gloo,cuda:nccl" if gpu else "gloo",
                             timeout=datetime.timedelta(seconds=dist_timeout_s))
@@ -149,8 +153,9 @@ preflight.check_memory(model, model_config, ddp_world_size, ptdtype.itemsize, ve
                        tokens=max(micro_batch_tokens, longest), logprob_chunk=logprob_chunk,
                        checkpointing=gradient_checkpointing, budget=device_memory_gb * 1e9 or (
                            torch.cuda.get_device_properties(device).total_memory if "cuda" in device else 0))
-release_lock = preflight.take_lock(f"{out_dir}/run.lock", lock_stale_s) if master_process else (lambda: None)  # before any write
-preflight.probe_judge(judge, rows[0], stop)
+release_lock = preflight.take_lock(f"{out_dir}/run.lock", lock_stale_s) if master_process else lambda: None  # 1st write
+preflight.probe_judge(judge, rows, stop)
+preflight.probe_judge(eval_judge, eval_rows, stop)
 if init_from == "tiny" and not ckpt:
     if master_process:  # the tiny run's base model: its checkpoints' format, and evaluation's baseline
         model.save_pretrained(base_dir)
@@ -175,7 +180,7 @@ if ckpt:  # the optimizer's fp32 state and the weights from it; the logs' rows a
     checkpoint.restore(ckpt, start_step, opt, rank=ddp_rank, world=ddp_world_size, out_dir=out_dir)
 if ddp:
     preflight.check_ranks(start_step, data_sha, ddp_world_size)
-run_id = checkpoint.prepare(out_dir, state) if master_process else None  # the run's id, kept across resumes
+run_id = checkpoint.prepare(out_dir, state, safe_config) if master_process else None  # kept across resumes
 wandb_run = None
 if wandb_log and master_process:  # the same wandb run continues on resume
     import wandb
@@ -186,10 +191,9 @@ if wandb_log and master_process:  # the same wandb run continues on resume
 
 
 def step_rows(step):
-    """The step's batch_groups (group id, row): the k-th group of the run takes the row at k in a
-    fresh permutation of the data each epoch."""
+    """The step's batch_groups (group id, row): the run's k-th group takes row k of each epoch's permutation."""
     return [(k % batch_groups, rows[np.random.default_rng(seed + k // len(rows)).permutation(len(rows))[k % len(rows)]])
-            for k in range(step * batch_groups, (step + 1) * batch_groups)]
+            for k in range((step - 1) * batch_groups, step * batch_groups)]
 
 
 def micro_batch_loss(mb, old_logp, denom, padding):
@@ -223,15 +227,15 @@ def micro_batch_loss(mb, old_logp, denom, padding):
 
 
 def stop_run(done, where, why=None):
-    """Every rank together: on a signal, checkpoint the last completed step if it has none; then
-    exit at once (judge requests in flight are dropped, not waited for)."""
-    judge.cancel()
+    """Every rank together: on a signal, checkpoint the last completed step if it has none; exit at once."""
+    for j in filter(None, (judge, eval_judge)):
+        j.cancel()
     if done > saved and not why:
         save_checkpoint(done)
     if master_process:
         print(f"error: {where}: {why}" if why else f"error: stopped by {(stop or ['a signal to another rank'])[0]} {where}: " + (
             f"{out_dir}/ckpt_{done:06d} holds step {done}; run the same command with --resume=auto to continue"
-            if done else "no step was completed; run the same command to start again"), file=sys.stderr, flush=True)
+            if done else "no step was completed; start it again with --resume=auto"), file=sys.stderr, flush=True)
     release_lock()
     os._exit(1)
 
@@ -241,11 +245,24 @@ def save_checkpoint(step):
                     state=dict(config=safe_config, world_size=ddp_world_size, data_sha256=data_sha, run_id=run_id))
 
 
+def evaluate(step):
+    """The held-out prompts' stories after `step` updates, scored by the evaluation judge (heldout.py)."""
+    run["phase"] = "evaluating the held-out prompts"
+    return heldout.evaluate(model, tok, eval_rows, eval_judge, step, out_dir=out_dir, seed=seed, eos=eos,
+                            max_new_tokens=max_new_tokens, enable_thinking=enable_thinking, rank=ddp_rank,
+                            world=ddp_world_size, batch=batch_groups // ddp_world_size * (group_size - n_ref), stop=stop)
+
+
 # -----------------------------------------------------------------------------
 # the loop
 ref_cache = {}  # row id -> its reference Story, built once
 saved, t_ckpt = start_step, 0.0  # the newest checkpoint's step; seconds the last one took
-for step in range(start_step, max_steps):
+if heldout.missing(out_dir, start_step, eval_interval, max_steps, eval_rows, rank=ddp_rank, world=ddp_world_size):
+    held = evaluate(start_step)  # step 0's, or one that a stop signal cut short
+    if held is None:
+        stop_run(start_step, f"while evaluating step {start_step}")
+    heldout.log(out_dir, start_step, max_steps, held, master=master_process, wandb=wandb_run)
+for step in range(start_step + 1, max_steps + 1):  # steps count from 1: step k makes the policy of k updates
     t0 = time.time()
     my_rows = step_rows(step)[ddp_rank::ddp_world_size]  # rank r owns groups r, r + W, ...
 
@@ -257,11 +274,11 @@ for step in range(start_step, max_steps):
     def to_judge(i, j, story):  # story j of this rank's group i has ended
         if not stop:
             pending.append((story, judge.submit(my_rows[i][1]["prompt"], my_rows[i][1]["target_words"], story.text)))
-    bar = tqdm(total=max_new_tokens, desc=f"step {step + 1}: decoding", unit="tok", leave=False,
+    bar = tqdm(total=max_new_tokens, desc=f"step {step}: decoding", unit="tok", leave=False,
                disable=not (master_process and sys.stderr.isatty()))
     groups = rollout.sample(
         model, tok, [rollout.render_prompt(tok, row["prompt"], enable_thinking) for _, row in my_rows],
-        seeds=[seed + 100_003 * step + gid for gid, _ in my_rows], n=group_size - n_ref, eos=eos,
+        seeds=[seed + 100_003 * (step - 1) + gid for gid, _ in my_rows], n=group_size - n_ref, eos=eos,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty, enable_thinking=enable_thinking,
         on_done=to_judge, on_step=lambda: bar.update(1), should_stop=lambda: bool(stop))
@@ -281,25 +298,9 @@ for step in range(start_step, max_steps):
 
     # 3. judge: wait for every score; a judge that cannot score stops every rank before the update
     run["phase"], t1 = "waiting for the judge", time.time()
-    while not stop and concurrent.futures.wait([f for _, f in pending], timeout=0.5).not_done:
-        pass  # woken twice a second to see a stop signal
-    for story, future in pending if not stop else []:
-        story.judged = future.result()
-    mine = dict(asked=len(pending), fatal=sum(not stop and s.judged["fatal"] for s, _ in pending), stop=len(stop),
-                errors=collections.Counter(s.judged["error"] for s, _ in pending if not stop and s.judged["error"]))
-    health = [mine]
-    if ddp:
-        health = [None] * ddp_world_size
-        dist.all_gather_object(health, mine)  # every rank decides alike
-    asked, fatal, stopping = (sum(h[k] for h in health) for k in ("asked", "fatal", "stop"))
-    errors = sum((h["errors"] for h in health), collections.Counter())
-    if stopping:
-        stop_run(step, f"in step {step + 1} (abandoned before its update)")
-    if fatal or errors.total() > judge_max_fail_frac * asked:
-        why = "a judge failure that no retry can fix" if fatal else f"{errors.total()} of {asked} stories could not " \
-            f"be scored (judge_max_fail_frac={judge_max_fail_frac})"
-        stop_run(step, f"step {step + 1}", why=f"{why}; stopped before the update and checkpoint. Reasons: " + "; ".join(
-            f"{n} x {e}" for e, n in errors.most_common(5)))
+    stopping, why = judge_lib.judged(pending, stop, world=ddp_world_size, max_fail_frac=judge_max_fail_frac)  # all alike
+    if stopping or why:
+        stop_run(step - 1, f"step {step}" if why else f"in step {step} (abandoned before its update)", why=why)
 
     # 4. advantages: over each whole group, the reference included
     for group in groups:
@@ -332,7 +333,7 @@ for step in range(start_step, max_steps):
         with torch.no_grad():
             old_logps = [rollout.token_logprobs(model, *(t.to(device) for t in rollout.collate(mb, tok.pad_token_id)[:3]),
                                                 temperature=temperature, chunk=logprob_chunk)[0] for mb in micro]
-    acc["lr"] = lr = learning_rate * min(1.0, (step + 1) / max(1, warmup_steps))  # linear warmup, then constant
+    acc["lr"] = lr = learning_rate * min(1.0, step / max(1, warmup_steps))  # linear warmup, then constant
     for it in range(num_iterations):  # steps 5 and 6 once, on-policy; num_iterations > 1 reuses the batch
         for k, mb in enumerate(micro):
             sums = micro_batch_loss(mb, old_logps[k], denom, padding=k >= len(micro) - idle)
@@ -350,21 +351,24 @@ for step in range(start_step, max_steps):
         acc["t_sync"] += time.time() - t3
     acc["t_train"] = time.time() - t2 - acc["t_sync"]
 
+    # after the update: the held-out evaluation when it is due (a stop signal cuts it; the next start redoes it)
+    held = evaluate(step) if heldout.due(step, eval_interval, max_steps) else None
     run["phase"] = "writing the step's logs and checkpoint"
-    _, stopping = checkpoint.log_step(out_dir, step, max_steps, groups, ids=[(gid, row["id"]) for gid, row in my_rows],
-                                      acc=acc, stopping=len(stop), rank=ddp_rank, world=ddp_world_size, wandb=wandb_run)
+    _, stopping = checkpoint.log_step(out_dir, step, max_steps, groups, ids=[(gid, row) for gid, row in my_rows], acc=acc,
+                                      held=held, stopping=len(stop), rank=ddp_rank, world=ddp_world_size, wandb=wandb_run)
     t_ckpt = time.time()  # logged with the next step
-    if (step + 1) % save_interval == 0 or step + 1 == max_steps:
-        save_checkpoint(step + 1)
-        saved = step + 1
+    if step % save_interval == 0 or step == max_steps:
+        save_checkpoint(step)
+        saved = step
     t_ckpt = time.time() - t_ckpt
     if stopping:
-        stop_run(step + 1, f"during step {step + 1}, after its update")
+        stop_run(step, f"during step {step}, after its update")
 
-judge.close()
+for j in filter(None, (judge, eval_judge)):
+    j.close()
 if master_process:
     final = os.path.join(out_dir, f"ckpt_{max_steps:06d}")
-    print(f"done: {max_steps} steps; the final checkpoint is {final}\nnext: python eval.py --task=generate "
-          f"--model={final} --out={out_dir}/eval_gens.jsonl (docs/evaluation.md)")
+    print(f"done: {max_steps} steps{heldout.summary(out_dir)}; the final checkpoint is {final}\nnext: python eval.py "
+          f"--task=generate --model={final} --out={out_dir}/eval_gens.jsonl (docs/evaluation.md)")
 if ddp:
     dist.destroy_process_group()

@@ -70,3 +70,14 @@ judge_extra = {"reasoning_effort": "low"}  # the paper used the flex tier: add y
 judge_price_in = 0.50  # $ per million tokens, standard tier at the time of writing (flex is cheaper)
 judge_price_out = 3.00
 length_weight = 25.0  # missing the requested length costs up to 25 SQ points
+# held-out evaluation, by the paper's evaluation judge (GPT-5.4), never the one the policy is trained
+# against: data/prepare.py's held-out split (10%, ~140 prompts: ~35 a rank, 4 decodes of 10) at
+# steps 0, 20, ..., 160, about the cost of 4 steps' generation each time (docs/training.md)
+eval_interval = 20
+eval_data = "data/polaris/heldout.jsonl"
+eval_judge_url = "https://api.openai.com/v1"
+eval_judge_model = "gpt-5.4"
+eval_judge_key_env = "OPENAI_API_KEY"  # the variable's name; the key is never logged or saved
+eval_judge_extra = {"reasoning_effort": "low"}
+eval_judge_price_in = 2.50  # $ per million tokens, as config/eval.py
+eval_judge_price_out = 15.0

@@ -32,3 +32,8 @@ judge_workers = 8
 judge_extra = {}
 judge_price_in = 0.0
 judge_price_out = 0.0
+# held-out evaluation: the six held-out prompts at steps 0, 20, 40 and 60, with the evaluation's
+# sampling (temperature 0.6, top_p 0.95, top_k 20), scored by a second local judge (the same
+# heuristic; the paper evaluates with GPT-5.4, config/polaris.py)
+eval_interval = 20
+eval_data = "data/sample/heldout.jsonl"

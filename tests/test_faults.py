@@ -94,7 +94,7 @@ def test_a_full_disk_in_a_checkpoint_and_in_resume(small_disk):
     assert before == {p: p.read_bytes() for p in run.glob("*.jsonl")} and not list(run.glob("*.tmp")), "untouched"
     os.remove(small_disk / "filler")
     train(run, "--max_steps=4", "--save_interval=1", "--keep_last=1", "--resume=auto", *FAST)  # 16 MB: one at a time
-    assert [json.loads(l)["step"] for l in open(run / "metrics.jsonl")] == [0, 1, 2, 3], "then it continues"
+    assert [json.loads(l)["step"] for l in open(run / "metrics.jsonl")] == [1, 2, 3, 4], "then it continues"
 
 
 def test_a_key_in_the_judge_url_works_and_is_never_stored(tmp_path):

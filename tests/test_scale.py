@@ -63,7 +63,7 @@ def assert_close(a, b, steps, lr=1e-4):
 def assert_same(a, b, steps):
     """Bitwise: the same ranks from the same state compute the same numbers."""
     got, want = metrics(a), metrics(b)
-    assert [m["step"] for m in got] == list(range(steps)), f"every step logged once: {[m['step'] for m in got]}"
+    assert [m["step"] for m in got] == list(range(1, steps + 1)), f"every step logged once: {[m['step'] for m in got]}"
     for g, w in zip(got, want):
         assert {k: g[k] for k in SAME} == {k: w[k] for k in SAME}, f"step {g['step']} differs"
     wa, wb = weights(os.path.join(a, f"ckpt_{steps:06d}")), weights(os.path.join(b, f"ckpt_{steps:06d}"))
@@ -173,7 +173,7 @@ def test_resume_on_another_world_size(two, tmp_path):
     assert len(state["master"]) == len(torch.load(two / "ckpt_000001/optim_rank0.pt", weights_only=False)["master"]) \
         + len(torch.load(two / "ckpt_000001/optim_rank1.pt", weights_only=False)["master"]), "one rank holds it all"
     train(run, *resume, "--max_steps=3", nproc=2)  # and back to 2 ranks
-    assert [m["step"] for m in metrics(run)] == [0, 1, 2], "each step logged once"
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3], "each step logged once"
     assert_close(run, two, 3)
 
 
@@ -199,7 +199,7 @@ def test_sigterm_in_the_judge_wait_checkpoints_and_the_same_command_continues(on
     assert "SIGTERM while waiting for the judge" in err and "stopped by SIGTERM in step 2" in err, err[-2000:]
     assert "--resume=auto" in err and "Traceback" not in err, "how to continue, and no traceback"
     assert sorted(p.name for p in run.glob("*ckpt_*")) == ["ckpt_000001"], "step 1 checkpointed, nothing half-written"
-    assert [m["step"] for m in metrics(run)] == [0], "the abandoned step is not logged"
+    assert [m["step"] for m in metrics(run)] == [1], "the abandoned step is not logged"
     slow_judge.script.clear()  # the judge is back
     p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     slow_judge.close()
@@ -208,7 +208,7 @@ def test_sigterm_in_the_judge_wait_checkpoints_and_the_same_command_continues(on
 
 
 def test_sigterm_while_generating_then_the_same_command_continues(tmp_path):
-    args = ["--max_steps=2", "--max_new_tokens=300", "--resume=auto"]
+    args = ["--max_steps=2", "--max_new_tokens=300", "--resume=auto", "--eval_interval=0"]
     train(tmp_path / "full", *args)
     run = tmp_path / "preempted"
     cmd = [sys.executable, "train.py", "config/tiny.py", f"--out_dir={run}", *args]
@@ -221,7 +221,7 @@ def test_sigterm_while_generating_then_the_same_command_continues(tmp_path):
     assert (run / "ckpt_000001").exists() and not (run / "ckpt_000002").exists(), "the completed step is saved"
     assert subprocess.run(cmd, capture_output=True, env=ENV, timeout=300).returncode == 0
     m, w = metrics(run), metrics(tmp_path / "full")
-    assert [r["step"] for r in m] == [0, 1] and all({k: a[k] for k in SAME} == {k: b[k] for k in SAME}
+    assert [r["step"] for r in m] == [1, 2] and all({k: a[k] for k in SAME} == {k: b[k] for k in SAME}
                                                      for a, b in zip(m, w)), "the same numbers as uninterrupted"
     wa, wb = weights(run / "ckpt_000002"), weights(tmp_path / "full/ckpt_000002")
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "the same weights"

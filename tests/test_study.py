@@ -4,7 +4,6 @@ opened from disk with every request but file:// failing the test."""
 import hashlib
 import html
 import json
-import os
 import re
 import signal
 import subprocess
@@ -120,6 +119,7 @@ def test_agreement_kappa_and_the_judge_against_people():
     assert n == 20 and with_ties == pytest.approx(11 / 20), "the judge said tuned every time: 11 of 20 votes"
     assert (without, kept) == (pytest.approx(11 / 14), 14), "without ties: 14 votes, 11 for tuned"
     assert ev.kappa(["x", "y"] * 5, ["x", "y"] * 5, ("x", "y", "tie")) == 1.0, "perfect agreement"
+    assert ev.wilson(1.0, 5)[1] == 1.0 and ev.wilson(0.0, 5)[0] == 0.0, "within [0, 1]"
 
 
 def test_the_evaluation_prompts():
@@ -136,29 +136,6 @@ def test_the_evaluation_prompts():
 
 # -----------------------------------------------------------------------------
 # the pages in a real browser
-
-
-@pytest.fixture(scope="session")
-def browser():
-    """Headless Chromium from Debian's package, driven by Playwright. CI installs both (.ci/run);
-    elsewhere the browser tests skip, saying what to install, unless POLARIS_REQUIRE_BROWSER=1."""
-    exe = next((p for p in ("/usr/lib/chromium/chromium-headless-shell", "/usr/bin/chromium") if os.path.exists(p)), None)
-    why = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        why = "pip install playwright"
-    if why is None and exe is None:
-        why = "apt-get install chromium-headless-shell (Debian's package)"
-    if why:
-        if os.environ.get("POLARIS_REQUIRE_BROWSER"):
-            pytest.fail(f"no browser for the page tests: {why}")
-        pytest.skip(f"the page tests need headless Chromium: {why}")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-background-networking",
-                                                          "--disable-component-update", "--disable-sync"])
-        yield b
-        b.close()
 
 
 class Watched:
@@ -183,10 +160,9 @@ class Watched:
         self.context.close()
 
 
-def start_page(study, name, *args):
-    """eval.py --task=annotate in a subprocess; returns (process, the address it printed)."""
-    p = subprocess.Popen([sys.executable, "eval.py", "--task=annotate", f"--study={study}", f"--annotator={name}", *args],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_page(*args):
+    """eval.py serving a page (--task=annotate, rollouts) in a subprocess; returns (process, its address)."""
+    p = subprocess.Popen([sys.executable, "eval.py", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     for line in p.stdout:
         m = re.search(r"at (http://\S+)", line)
@@ -209,8 +185,8 @@ def test_annotation_page_in_a_browser(judged, browser, tmp_path):
     run_eval("--task=study", f"--gens={','.join(gens)}", "--n=12", f"--out={study}")
     items = [json.loads(l) for l in open(study)]
     answers = tmp_path / "annotations" / "ann.jsonl"
-    server, url = start_page(study, "ann")
-    other, other_url = start_page(study, "bea")  # a second annotator at once, on another port
+    server, url = start_page("--task=annotate", f"--study={study}", "--annotator=ann")
+    other, other_url = start_page("--task=annotate", f"--study={study}", "--annotator=bea")  # a second annotator at once, on another port
     w = Watched(browser, lambda u: u.startswith("http://127.0.0.1:"))
     page = w.page
     try:
@@ -264,10 +240,12 @@ def test_annotation_page_in_a_browser(judged, browser, tmp_path):
     assert not w.dialogs and not w.refused and paths <= {"", "choose", "undo"}, \
         f"no script ran ({w.dialogs}) and nothing else was fetched ({w.refused}, {paths})"
     # stopped and started again: the page continues at the first item without a choice
-    server, url = start_page(study, "ann")
+    server, url = start_page("--task=annotate", f"--study={study}", "--annotator=ann")
     try:
         page.goto(url)
         assert "6 / 12" in page.locator("h1").inner_text() and "5 done" in page.content()
+        r = requests.get(url, headers={"Host": f"rebound.example:{url.split(':')[2]}"}, timeout=10)
+        assert r.status_code == 403 and "Story A" not in r.text, "on the loopback only a loopback Host is served"
         dup = subprocess.run([sys.executable, "eval.py", "--task=annotate", f"--study={study}", "--annotator=ann"], **SUB)
         assert dup.returncode != 0 and "ann.lock is in use by pid" in dup.stderr, "one page per annotator's file"
     finally:
@@ -282,7 +260,7 @@ def test_off_the_loopback_nothing_is_served_without_the_token(judged, tmp_path):
     root, gens = judged
     study = tmp_path / "study.jsonl"
     run_eval("--task=study", f"--gens={','.join(gens)}", "--n=3", f"--out={study}")
-    server, url = start_page(study, "remote", "--host=0.0.0.0")
+    server, url = start_page("--task=annotate", f"--study={study}", "--annotator=remote", "--host=0.0.0.0")
     try:
         base = url.split("?")[0]
         assert "?token=" in url, "off the loopback the printed address carries the token"
@@ -318,6 +296,10 @@ def test_report_html_opens_from_disk_with_no_network(judged, browser, tmp_path):
                  "not bounded: won all 18 comparisons", "Human study", "| polaris-9b | qwen-base | 100.0% |", "| 6 | 2 |",
                  "ann & bea", "the LLM judge against the annotators"):
         assert part in md, f"{part!r} not in report.md:\n{md}"
+    with open(tmp_path / "annotations" / "cid.jsonl", "w") as f:  # a second study's choices in the same folder
+        f.write(json.dumps(dict(item=1, id="id-00", study="other.jsonl", model_a="x", model_b="y", choice="A")) + "\n")
+    mixed = run_eval("--task=report", f"--annotations={tmp_path}/annotations", f"--out={tmp_path}/r2.md", check=False)
+    assert mixed.returncode != 0 and "holds the choices of several studies" in mixed.stderr, mixed.stderr[-1000:]
     assert "3752" not in md and "(unbounded)" not in md and "\n(" not in md, "an unbounded Elo has no number"
     html_path = tmp_path / "out" / "report.html"
     assert html_path.exists() and "wrote" in p.stdout

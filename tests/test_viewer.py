@@ -1,0 +1,122 @@
+"""The training run in a browser (eval.py --task=rollouts): a real tiny run's folder, a run that is
+still writing, a folder from before steps counted from 1, and the line index that keeps a 150 MB
+rollouts.jsonl out of memory (bench.py times that file)."""
+import json
+import os
+import re
+import shutil
+
+import pytest
+import requests
+
+import pages
+from test_study import HOSTILE, Watched, start_page, stop_page
+from test_train import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 3-step tiny run with the held-out evaluation at steps 0, 2 and 3."""
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    train(out, "--max_steps=3", "--eval_interval=2", "--save_interval=10", "--max_new_tokens=24")
+    return out
+
+
+def serve(folder, *args):
+    return start_page("--task=rollouts", f"--run={folder}", *args)
+
+
+def test_the_viewer_in_a_browser(run, browser, tmp_path):
+    folder = tmp_path / "live"
+    shutil.copytree(run, folder)
+    server, url = serve(folder)
+    w = Watched(browser, lambda u: u.startswith(url))
+    page = w.page
+    try:
+        page.goto(url)
+        assert "step 3" in page.locator("h1").inner_text(), "the first page is the latest step"
+        assert page.locator("svg").count() >= 5 and page.locator("svg polyline").count() >= 6, "the charts, as SVG"
+        assert "held-out (evaluation judge)" in page.content(), "held-out SQ charted beside the training judge's"
+        assert page.locator("h2", has_text=re.compile("^Group")).count() == 2 and page.locator(".card.ref").count() >= 2
+        assert page.locator(".prompt").first.inner_text().startswith("Write a "), "the prompt beside its group"
+        assert "The best and the worst story of the step" in page.content()
+        page.locator(".card").nth(2).locator("summary", has_text="the judge's reply").click()
+        assert "Prompt Adherence:" in page.locator(".card").nth(2).inner_text(), "the judge's reply, kept in the log"
+        page.screenshot(path=str(tmp_path / "viewer.png"), full_page=True)
+        page.fill("input[name=step]", "1")
+        page.get_by_role("button", name="show").click()
+        page.wait_for_selector("h1:has-text('step 1')")
+        assert page.locator(".card").count() == 2 + 12 and "human reference" in page.content(), "step 1's two groups"
+        # the run goes on writing: a step with a story that is markup, and a line still being written
+        step1 = [json.loads(line) for line in open(folder / "rollouts.jsonl") if json.loads(line)["step"] == 1]
+        with open(folder / "rollouts.jsonl", "a") as f:
+            for r in step1:
+                f.write(json.dumps(dict(r, step=4, story=None if r["is_ref"] else HOSTILE + (r["story"] or ""))) + "\n")
+            f.write('{"step": 5, "group": 0, "story": "half')
+        page.goto(url)
+        assert "step 4" in page.locator("h1").inner_text(), "the viewer follows the run; a half line waits"
+        texts = page.locator(".card .story").all_inner_texts()
+        assert sum(t.startswith(HOSTILE.strip()) for t in texts) >= 10, "a story's markup is shown as its text"
+        assert page.locator(".card script, .card img").count() == 0
+    finally:
+        stop_page(server)
+        w.close()
+    paths = {u.split("/", 3)[3].split("?")[0] for u in w.requests}
+    assert not w.dialogs and not w.refused and paths == {""}, f"dialogs {w.dialogs}, requests {w.refused} {paths}"
+
+
+def test_a_run_folder_from_before_steps_counted_from_1(run, tmp_path):
+    """Steps from 0 in the files, each reference's text in its rows, no run.json: the viewer shows
+    it from step 1, and a resume renumbers it and goes on."""
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    refs = {r["id"]: r["story"] for r in map(json.loads, open(old / "references.jsonl"))}
+    for name in ("metrics.jsonl", "rollouts.jsonl"):
+        rows = [json.loads(line) for line in open(old / name)]
+        rows = [dict(r, step=r["step"] - 1, story=refs[r["id"]] if r.get("is_ref") else r.get("story"))
+                for r in rows if r["step"] >= 1]
+        (old / name).write_text("".join(json.dumps({k: v for k, v in r.items() if not k.startswith("heldout")}) + "\n"
+                                        for r in rows))
+    for name in ("run.json", "references.jsonl", "evals.jsonl"):
+        os.remove(old / name)
+    server, url = serve(old)
+    try:
+        text = requests.get(url + "?step=1", timeout=30).text
+        assert "step 1</h1>" in text and "human reference" in text and "no metrics for this step" not in text
+        assert pages.esc(next(iter(refs.values()))[:80]) in text, "the reference's text from its own row"
+        assert "step 3</h1>" in requests.get(url, timeout=30).text, "the latest of 0, 1, 2 is shown as step 3"
+    finally:
+        stop_page(server)
+    p = train(old, "--max_steps=4", "--eval_interval=2", "--save_interval=10", "--max_new_tokens=24", "--resume=auto")
+    assert "step 4/4" in p.stdout
+    assert [json.loads(line)["step"] for line in open(old / "metrics.jsonl")] == [1, 2, 3, 4], "renumbered from 1"
+    assert sorted({json.loads(line)["step"] for line in open(old / "rollouts.jsonl")}) == [1, 2, 3, 4]
+    assert (old / "run.json").exists()
+
+
+def test_the_line_index_reads_a_step_and_follows_a_growing_file(tmp_path):
+    path = tmp_path / "rollouts.jsonl"
+    rows = [dict(step=s, group=g, story="x" * 5000 + f"{s}-{g}") for s in range(1, 41) for g in range(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 41, "gro')
+    index = pages.LineIndex(str(path), "step").refresh()
+    assert sorted(index.offsets) == list(range(1, 41)) and all(len(v) == 6 for v in index.offsets.values())
+    assert [r["story"][-4:] for r in index.rows(17)] == [f"17-{g}" for g in range(6)], "a step read by offset"
+    with open(path, "a") as f:
+        f.write('up": 0, "story": "late"}\n')
+    assert [r["story"] for r in index.refresh().rows(41)] == ["late"], "a line indexed once it is whole"
+    path.write_text(json.dumps(dict(step=1, story="rewritten")) + "\n")  # trimmed on resume
+    assert sorted(index.refresh().offsets) == [1] and index.rows(1)[0]["story"] == "rewritten"
+    ids = pages.LineIndex(str(tmp_path / "refs.jsonl"), "id")
+    (tmp_path / "refs.jsonl").write_text(json.dumps(dict(id='a "quoted" id', story="s")) + "\n" + json.dumps(dict(id=7)) + "\n")
+    assert sorted(ids.refresh().offsets, key=str) == [7, 'a "quoted" id'], "string and integer ids"
+
+
+def test_off_the_loopback_the_viewer_asks_for_the_token(run):
+    server, url = serve(run, "--host=0.0.0.0")
+    try:
+        base = url.split("?")[0]
+        r = requests.get(base + "?step=1", timeout=30)
+        assert r.status_code == 401 and "Group" not in r.text, "nothing of the run without the token"
+        assert "Group 0" in requests.Session().get(url, timeout=30).text
+    finally:
+        stop_page(server)
