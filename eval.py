@@ -36,6 +36,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
 from itertools import combinations
 
 import numpy as np
@@ -785,11 +786,11 @@ def annotate():
     other = next((r.get("study") for r in rows if r.get("study") != study_name), None)
     if other or any(r.get("item") not in {it["item"] for it in items} for r in rows):
         fail(f"{path} holds choices for another study ({other!r}, not {study_name!r}): give each study its own folder")
-    lock, shown = threading.Lock(), {}  # shown: when each item was first shown, for its seconds
-
-    def ab(item):  # the two stories as A and B: random per annotator and item, from the study's seed
-        flip = hashlib.sha256(f"{item['seed']}:{annotator}:{item['id']}".encode()).digest()[0] & 1
-        return item["stories"][::-1] if flip else item["stories"]
+    lock, shown, undone = threading.Lock(), {}, {}  # when each item was first shown; choices taken back
+    # which story is A: random per annotator and item from the study's seed, each model A on half the items
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(f"{items[0]['seed']}:{annotator}".encode()).digest()[:8]))
+    flipped = {it["item"] for it, k in zip(items, rng.permutation(len(items))) if k < len(items) // 2}
+    ab = lambda item: item["stories"][::-1] if item["item"] in flipped else item["stories"]
 
     def app(method, route, params):
         with lock:  # one choice at a time: a second tab or a double press finds its item chosen
@@ -806,11 +807,13 @@ def annotate():
                                time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
                     append_jsonl(path, row, sync=True)
                     rows.append(row)
-                return 303, "", {"Location": "/"}
+                    return 303, "", {"Location": "/"}
+                return 303, "", {"Location": f"/?refused={urllib.parse.quote(params.get('item', ''))}"}
             if method == "POST" and route == "/undo":
                 if rows and params.get("item") == str(last):
                     write_jsonl(path, rows[:-1])
-                    shown[rows.pop()["item"]] = time.time()
+                    undone[last] = rows.pop()
+                    shown[last] = time.time()
                 return 303, "", {"Location": "/"}
             if route != "/":
                 return 404, pages.page("Not found", "<h1>Not found</h1>"), {}
@@ -818,8 +821,12 @@ def annotate():
                 return 200, pages.annotation_done(annotator, len(items), last), {}
             shown.setdefault(todo[0]["item"], time.time())
             a, b = ab(todo[0])
+            was = undone.get(todo[0]["item"])
+            note = (f"Your choice for item {params['refused']} was not recorded: that item has a choice already (from "
+                    "another tab?), or is not the one shown now." if params.get("refused") else
+                    f"You took back your choice ({was['choice']}) for this item." if was else "")
             return 200, pages.annotation_page(annotator, todo[0], a["story"], b["story"], len(items) - len(todo),
-                                              len(items), last), {}
+                                              len(items), last, note=note, reason=was["reason"] if was else ""), {}
     print(f"{study}: {len(items)} items, {len(rows)} with a choice by {annotator} in {path}")
     pages.serve(app, host, port, f"the annotation page for {annotator}", script=pages.ANNOTATE_JS)
 
@@ -832,7 +839,10 @@ def report():
     votes = read_annotations(annotations) if annotations else []
     md_path = out or "out/eval/report.md"
     html_path = (md_path[: -len(".md")] if md_path.endswith(".md") else md_path) + ".html"
-    md, sections = ["# POLARIS evaluation", "", f"Stories, plots and the judge's scores: {os.path.basename(html_path)}", ""], []
+    inputs = ", ".join(gen_files + [p for p in pairs.split(",") if all_pairs and p] + ([annotations] if votes else []))
+    md = ["# POLARIS evaluation", "", f"{time.strftime('%Y-%m-%d')}, from {inputs}. Stories, plots and the judge's scores: "
+          f"{os.path.basename(html_path)}", ""]
+    sections = [("Inputs", f"<p>{pages.esc(time.strftime('%Y-%m-%d'))}, from {pages.esc(inputs)}</p>")]
 
     def add(title, head_rows, note="", figure=""):
         md.extend([f"## {title}", "", md_table(*head_rows), ""] + ([note, ""] if note else []))
@@ -841,7 +851,7 @@ def report():
         q = quality_table(gen_files, n_boot)
         labels = dict(enumerate(b for b, _ in BUCKETS))
         plot = lambda key, what, mark=None: pages.chart(  # (x, mean, lo, hi) per bucket, one series a model
-            f"{what} by requested length", [(r["model"], [(k, r[key][b][0], *r[key][b][1]) for k, b in labels.items()])
+            what, [(r["model"], [(k, r[key][b][0], *r[key][b][1]) for k, b in labels.items()])
                                             for r in q], y_label=what + " (95% CI)", x_labels=labels, mark=mark)
         add("Story Quality by requested length", quality_rows(q), "Mean and 95% CI over prompts, n prompts; the judge's "
             "failures are left out.", plot("sq", "Story Quality") + plot("ratio", "Length ratio", (1.0, "as requested")))
@@ -865,7 +875,7 @@ def report():
         if judged[1]:
             add("Human study: the LLM judge against the annotators", judged, "The judge's dual-position verdict (pairs "
                 "file) against each annotator's vote on the same item, with and without ties (MT-Bench's agreement).")
-    if not sections:
+    if len(sections) == 1:
         fail("--task=report needs --gens, --pairs or --annotations with something in them")
     if gen_files:
         sections.append(("Stories", "".join(stories_html(f, label, rows) for f, (label, rows) in gens_by_file.items())))
@@ -886,7 +896,8 @@ def stories_html(gens_file, label, rows):
         sq = f"SQ {s['sq']:.1f}" if s.get("error") is None and s.get("sq") is not None else f"no SQ ({s.get('error')})"
         parts.append(pages.story_details(
             f"{r['id']} · {bucket(r['target_words'])} · {r.get('category') or 'no category'} · {sq} · "
-            f"{rubric.count_words(r['story'])} of {r['target_words']} words", r["prompt"], r["story"], s.get("scores")))
+            f"{rubric.count_words(r['story'])} of {r['target_words']} words", r["prompt"], r["story"], s.get("scores"),
+            s.get("reply")))
     return f"<h3>{pages.esc(label)} ({len(rows)} stories)</h3>" + "".join(parts)
 
 

@@ -32,20 +32,21 @@ def esc(x):
 
 CSS = """
 body{font:15px/1.5 system-ui,sans-serif;margin:0;color:#1d1d1f;background:#fbfaf7}
-main{max-width:1280px;margin:0 auto;padding:.5rem 1.5rem 6rem}
+main{max-width:1280px;margin:0 auto;padding:.5rem 1.5rem 2rem}
 h1{font-size:1.5rem;margin:.8rem 0}h2{font-size:1.15rem;margin:1.6rem 0 .5rem}h3{font-size:1rem;margin:1rem 0 .3rem}
 table{border-collapse:collapse;margin:.4rem 0 1rem}th,td{padding:.25rem .7rem;border-bottom:1px solid #ddd;text-align:left;
 vertical-align:top}th{background:#f0eee8}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .story{font:17px/1.65 Georgia,'Times New Roman',serif;white-space:pre-wrap;overflow-wrap:anywhere;max-width:42em}
+.reply{font-size:14px;white-space:pre-wrap;overflow-wrap:anywhere;max-width:50em}
 .prompt{background:#f0eee8;border-left:4px solid #8a7f6a;padding:.6rem 1rem;margin:.6rem 0;font-size:1.05rem}
 .pair{display:grid;grid-template-columns:1fr 1fr;gap:2.5rem}
-@media (max-width:820px){.pair{grid-template-columns:1fr}main{padding:.5rem .8rem 9rem}}
-.bar{position:fixed;left:0;right:0;bottom:0;background:#fff;border-top:1px solid #ccc;padding:.6rem 1rem;
+@media (max-width:820px){.pair{grid-template-columns:1fr}main{padding:.5rem .8rem 2rem}.bar textarea{min-height:1.6rem}}
+.bar{position:sticky;bottom:0;margin-top:1.5rem;background:#fff;border-top:1px solid #ccc;padding:.6rem 1rem;
 display:flex;gap:.6rem;align-items:center;flex-wrap:wrap;justify-content:center}
 .bar textarea{flex:1 1 22rem;min-height:2.4rem;font:inherit}
 button{font:inherit;padding:.45rem 1.1rem;border:1px solid #777;border-radius:6px;background:#fff;cursor:pointer}
 button.pick{font-weight:600;background:#eef3fb}button:disabled{opacity:.5}
-.muted{color:#666}.note{color:#7a4b00}.ref{background:#fff6dc}.fail{color:#a11}
+kbd{font-size:.8em;color:#555;border:1px solid #bbb;border-radius:3px;padding:0 .3em}.muted{color:#666}.note{color:#7a4b00}.ref{background:#fff6dc}.fail{color:#a11}
 details{border:1px solid #ddd;border-radius:6px;padding:.3rem .8rem;margin:.4rem 0;background:#fff}
 summary{cursor:pointer}.scores td{padding:.1rem .6rem}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:1rem}
@@ -102,7 +103,9 @@ def chart(title, series, y_label="", x_labels=None, x_label="", mark=None, w=560
         return f"<p class=muted>{esc(title)}: nothing to plot yet.</p>"
     pts += [(pts[0][0], mark[0])] if mark else []
     series = [(name, ps) for name, ps in series if any(y is not None and math.isfinite(y) for _, y, _, _ in ps)]
-    yt = _ticks(min(v for _, v in pts), max(v for _, v in pts))
+    lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+    pad = 0.04 * (hi - lo)  # a line at the minimum stays off the frame, and data >= 0 keeps an axis >= 0
+    yt = _ticks(max(lo - pad, 0) if lo >= 0 else lo - pad, hi + pad)
     xs = sorted(x_labels) if x_labels else [x for x, _ in pts]
     x0, x1 = (min(xs) - 0.5, max(xs) + 0.5) if x_labels else (min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1)
     left, right, top, bottom = 62, 14, 28, 44
@@ -240,21 +243,23 @@ document.addEventListener('keydown', e => {
 """
 
 HOW = ("<details{}><summary>How to judge</summary><p>Each item is one request and two stories written for it by two "
-       "different writers, in a random order. Read both, then choose the one you would rather read: "
-       "<b>A</b>, <b>B</b>, or <b>tie</b> when you cannot choose. Judge the writing, not the length. A line on "
+       "different writers, in a random order. Read both, then choose the one you would rather read as the "
+       "answer to the request: <b>A</b>, <b>B</b>, or <b>tie</b> when you cannot choose. A story is not better for "
+       "being longer; the requested length is measured apart, so judge the writing. A line on "
        "why helps but is optional. Keys: <kbd>a</kbd>, <kbd>b</kbd>, <kbd>t</kbd> (outside the text box). Each "
        "choice is saved at once: you may stop at any time and come back later. \"Take back\" removes your last "
        "choice and shows that item again.</p></details>")
 
 
-def annotation_page(name, item, a, b, done, total, last):
+def annotation_page(name, item, a, b, done, total, last, note="", reason=""):
     """The page for one item: the request, story A and story B side by side (stacked on a narrow
     window), the three choices and a reason. Nothing names a model, a file or a score."""
     undo = (f" &middot; <form method=post action=/undo style='display:inline'><input type=hidden name=item "
             f"value={last}><button>Take back the last choice</button></form>") if last else ""
     head = (f"<h1>Which story is better? <span class=muted>{done + 1} / {total}</span></h1>"
             f"<p class=muted>annotator {esc(name)} &middot; <progress max={total} value={done}></progress> "
-            f"{done} done{undo}</p>{HOW.format('' if done else ' open')}")
+            f"{done} done{undo}</p>{HOW.format('' if done else ' open')}"
+            + (f"<p class=note>{esc(note)}</p>" if note else ""))
     body = (f"{head}<div class=prompt><b>The request:</b> {esc(item['prompt'])}</div>"
             f"<form id=choose method=post action=/choose><input type=hidden name=item value={item['item']}>"
             f"<div class=pair><article><h2>Story A</h2><div class=story>{esc(a)}</div></article>"
@@ -262,7 +267,7 @@ def annotation_page(name, item, a, b, done, total, last):
             "<div class=bar><button class=pick name=choice value=A data-key=a>A is better <kbd>a</kbd></button>"
             "<button class=pick name=choice value=tie data-key=t>Tie <kbd>t</kbd></button>"
             "<button class=pick name=choice value=B data-key=b>B is better <kbd>b</kbd></button>"
-            "<textarea name=reason maxlength=2000 placeholder='Why? (optional)'></textarea></div></form>")
+            f"<textarea name=reason maxlength=2000 placeholder='Why? (optional)'>{esc(reason)}</textarea></div></form>")
     return page(f"Story study {done + 1} / {total}", body, ANNOTATE_JS)
 
 
@@ -286,13 +291,23 @@ def report_page(title, sections):
                                      f"Content-Security-Policy content=\"{csp()}\">", 1)
 
 
-def story_details(summary, prompt, story, scores=None, extra=""):
-    """One collapsible story: its request, its text, and the judge's scores when there are any."""
-    table_ = "" if not scores else "<table class=scores>" + "".join(
-        f"<tr><td>{esc(k)}</td><td class=n>{'N/A' if v is None else esc(f'{v:g}')}</td></tr>" for k, v in scores.items()) \
-        + "</table>"
-    return (f"<details><summary>{esc(summary)}</summary><div class=prompt>{esc(prompt)}</div>{extra}"
-            f"<div class=story>{esc(story)}</div>{table_}</details>")
+def scores_table(scores):
+    """The judge's 16 scores, 0-10: the first 8 count for a story, the last 8 against it."""
+    sign = {n: s for n, s, _ in rubric.DIMENSIONS}
+    return "<table class=scores><tr><th>0-10</th><th></th></tr>" + "".join(
+        f"<tr><td>{esc(k)}{' <span class=muted>(against)</span>' if sign.get(k, 1) < 0 else ''}</td>"
+        f"<td class=n>{'N/A' if v is None else esc(f'{v:g}')}</td></tr>" for k, v in scores.items()) + "</table>"
+
+
+def reply_details(reply):
+    """The judge's reply (its analysis, then its scores), folded."""
+    return f"<details><summary>the judge's reply</summary><div class=reply>{esc(reply)}</div></details>" if reply else ""
+
+
+def story_details(summary, prompt, story, scores=None, reply=None):
+    """One collapsible story: its request, its text, the judge's scores and reply when there are any."""
+    return (f"<details><summary>{esc(summary)}</summary><div class=prompt>{esc(prompt)}</div>"
+            f"<div class=story>{esc(story)}</div>{scores_table(scores) if scores else ''}{reply_details(reply)}</details>")
 
 # -----------------------------------------------------------------------------
 # the run viewer: a training run's charts and stories, read from its out_dir as it grows
@@ -348,6 +363,12 @@ def run_viewer(out_dir):
         os.path.join(out_dir, "references.jsonl"), "id")
     lock = threading.Lock()  # the indexes grow as they are read: one request at a time
 
+    def max_steps():
+        try:
+            return json.load(open(os.path.join(out_dir, "run.json")))["config"]["max_steps"]
+        except (OSError, ValueError, KeyError):
+            return math.inf  # a folder from before run.json: it may still be going
+
     def app(method, route, params):
         with lock:
             return answer(route, params)
@@ -369,14 +390,14 @@ def run_viewer(out_dir):
         try:
             step = int(params.get("step") or (steps[-1] if steps else 0))
         except ValueError:
-            return 400, page("Bad step", f"<h1>No step {esc(params.get('step'))}</h1>"), {}
+            return 400, page("Bad step", f"<h1>No step {esc(params.get('step'))}</h1><a href='/'>the latest step</a>"), {}
         latest = "step" not in params
         stories = rollouts.rows(step - shift)
         for r in stories:
             if r.get("story") is None and r.get("is_ref"):
                 r["story"] = next((x["story"] for x in refs.rows(r["id"])), "(the reference's text is not in references.jsonl)")
         body = run_page(out_dir, steps, step, metrics, stories)
-        if latest:  # the newest step follows the run: the browser asks again every 30 seconds
+        if latest and steps and steps[-1] < max_steps():  # a run still going: the browser asks again every 30 seconds
             body = body.replace("<title>", "<meta http-equiv=refresh content=30><title>", 1)
         return 200, body, {}
     return app
@@ -403,11 +424,8 @@ def story_card(r, label):
              f"{rubric.count_words(r['story'])} words, ratio {r['ratio']:.2f}" + (" &middot; truncated" if r.get("truncated") else ""))
     return (f"<div class='card{' ref' if r.get('is_ref') else ''}'><b>{esc(label)}</b><br><span class=muted>{facts}</span>"
             + (f"<p class=fail>judge failed: {esc(judged)}</p>" if judged else "")
-            + ("<details><summary>16 scores</summary><table class=scores>" + "".join(
-                f"<tr><td>{esc(k)}</td><td class=n>{'N/A' if v is None else esc(f'{v:g}')}</td></tr>" for k, v in scores.items())
-               + "</table></details>" if scores else "")
-            + (f"<details><summary>the judge's reply</summary><div class=story style='font-size:14px'>{esc(r['judge_reply'])}"
-               "</div></details>" if r.get("judge_reply") else "")
+            + (f"<details><summary>16 scores</summary>{scores_table(scores)}</details>" if scores else "")
+            + reply_details(r.get("judge_reply"))
             + f"<div class=story style='max-height:24em;overflow-y:auto;font-size:15px'>{esc(r['story'])}</div></div>")
 
 

@@ -355,8 +355,7 @@ def take_lock(path, stale_s):
         gone = held.get("host") == me["host"] and (held.get("pid") == me["pid"] or not _alive(held.get("pid")))
         if not gone and age < stale_s:
             fail(f"{path} is in use by pid {held.get('pid')} on {held.get('host')} since {held.get('since')} (refreshed "
-                 f"{age:.0f} s ago; stale after {stale_s:g} s, lock_stale_s for a run): wait for it, stop it, or use "
-                 "another folder")
+                 f"{age:.0f} s ago, taken over after {stale_s:g} s): wait for it, stop it, or use another folder")
         print(f"taking over {path} from pid {held.get('pid')} on {held.get('host')}: "
               + ("not running" if gone else f"not refreshed for {age:.0f} s"))
         os.remove(path)

@@ -307,11 +307,13 @@ def test_report_html_opens_from_disk_with_no_network(judged, browser, tmp_path):
     try:
         w.page.goto(html_path.as_uri())
         assert w.page.locator("svg").count() >= 2 and w.page.locator("svg circle").count() >= 6, "the plots are inline SVG"
-        assert w.page.locator("details").count() == 36, "every story of both models, folded"
+        assert w.page.locator("details:has(> .prompt)").count() == 36, "every story of both models, folded"
         first = w.page.locator("details").first
-        first.locator("summary").click()
+        first.locator("> summary").click()
         assert first.locator(".story").inner_text().startswith(HOSTILE.strip()), "a story is shown as text"
-        assert first.locator(".scores tr").count() == 16, "with the judge's 16 scores"
+        assert first.locator(".scores td.n").count() == 16, "with the judge's 16 scores"
+        first.locator("summary", has_text="the judge's reply").click()
+        assert "Prompt Adherence:" in first.inner_text(), "and its reply"
         w.page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     finally:
         w.close()
