@@ -390,7 +390,7 @@ with tempfile.TemporaryDirectory() as tmp:
     viewer = subprocess.Popen([sys.executable, "eval.py", "--task=rollouts", f"--run={tmp}"], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
     url = next(line.split(" at ")[1].strip() for line in viewer.stdout if " at http" in line)
-    t_start = time.perf_counter() - t
+    t_up = time.perf_counter() - t
     import urllib.request
     t = time.perf_counter()
     first = urllib.request.urlopen(url, timeout=120).read()
@@ -402,7 +402,7 @@ with tempfile.TemporaryDirectory() as tmp:
     viewer.terminate()
     viewer.wait()
 rows.append((f"run viewer: rollouts.jsonl of {size / 1e6:.0f} MB (160 steps x 48 stories), `eval.py --task=rollouts`",
-             f"started in {t_start:.1f} s; first page {t_first:.2f} s (indexing the file, then the latest step: "
+             f"started in {t_up:.1f} s; first page {t_first:.2f} s (indexing the file, then the latest step: "
              f"{len(first) / 1e6:.1f} MB of HTML), a chosen step {t_step:.2f} s; peak resident memory {peak / 1e6:.0f} MB, "
              f"{peak / size:.2f} x the file", "target: seconds, memory well below the file"))
 
