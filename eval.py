@@ -808,6 +808,8 @@ def annotate():
                     append_jsonl(path, row, sync=True)
                     rows.append(row)
                     return 303, "", {"Location": "/"}
+                if rows and (str(last), rows[-1]["choice"]) == (params.get("item"), params.get("choice")):
+                    return 303, "", {"Location": "/"}  # the same press twice: saved once, nothing to say
                 return 303, "", {"Location": f"/?refused={urllib.parse.quote(params.get('item', ''))}"}
             if method == "POST" and route == "/undo":
                 if rows and params.get("item") == str(last):
@@ -850,9 +852,10 @@ def report():
     if gen_files:
         q = quality_table(gen_files, n_boot)
         labels = dict(enumerate(b for b, _ in BUCKETS))
-        plot = lambda key, what, mark=None: pages.chart(  # (x, mean, lo, hi) per bucket, one series a model
-            what, [(r["model"], [(k, r[key][b][0], *r[key][b][1]) for k, b in labels.items()])
-                                            for r in q], y_label=what + " (95% CI)", x_labels=labels, mark=mark)
+
+        def plot(key, what, mark=None):  # one series a model, a point (bucket, mean, lo, hi) per bucket
+            return pages.chart(what, [(r["model"], [(k, r[key][b][0], *r[key][b][1]) for k, b in labels.items()]) for r in q],
+                               y_label=f"{what} (95% CI)", x_labels=labels, mark=mark)
         add("Story Quality by requested length", quality_rows(q), "Mean and 95% CI over prompts, n prompts; the judge's "
             "failures are left out.", plot("sq", "Story Quality") + plot("ratio", "Length ratio", (1.0, "as requested")))
         head, rows = category_rows(gens_by_file)

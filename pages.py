@@ -160,9 +160,10 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def serve(app, host, port, what, script=""):
     """Serve app(method, path, params) -> (status, html, headers) on host:port until Ctrl-C or
-    SIGTERM; print the address. `script` is the one script its pages may run. On the loopback anyone on this machine may open it; bound to any
-    other address, every request needs the access token printed here (asked for by a form, then
-    kept in a cookie), and nothing else is served without it."""
+    SIGTERM; print the address. `script` is the one script its pages may run. On the loopback anyone
+    on this machine may open it (and only by a loopback name); bound to any other address, every
+    request needs the access token printed here (asked for by a form, then kept in a cookie), and
+    nothing else is served without it."""
     token = None if host in LOOPBACK else secrets.token_urlsafe(18)
 
     class Handler(BaseHTTPRequestHandler):
@@ -186,10 +187,11 @@ def serve(app, host, port, what, script=""):
             if token:
                 jar = http.cookies.SimpleCookie(self.headers.get("Cookie", ""))
                 given = params.pop("token", None)
-                if given is not None and hmac.compare_digest(given, token):
+                same = lambda s: hmac.compare_digest(s.encode(), token.encode())  # constant time, any text
+                if given is not None and same(given):
                     return self.send(303, "", {"Location": url.path or "/", "Set-Cookie":
                                                f"polaris_token={token}; HttpOnly; SameSite=Strict; Path=/"})
-                if "polaris_token" not in jar or not hmac.compare_digest(jar["polaris_token"].value, token):
+                if "polaris_token" not in jar or not same(jar["polaris_token"].value):
                     return self.send(401, page("Access token", "<h1>Access token</h1><p>This page needs the access "
                                                "token that its command printed when it started.</p><form method=get>"
                                                "<input name=token size=30 autofocus> <button>Open</button></form>"))
