@@ -43,6 +43,7 @@ import numpy as np
 
 import judge as judge_lib
 import judge_http
+import jsonl
 import pages
 import preflight
 import rubric
@@ -247,48 +248,6 @@ def human_study(votes, order=(), judged=None, n_boot=1000):
 # files
 
 
-def read_jsonl(path, must_exist=False, numbered=False, repair=True):
-    """Complete rows of a JSONL file; an interrupted writer's half line at the end is dropped
-    (and, with repair, removed from the file, so appending continues cleanly; never repair a
-    file another process may be writing). Missing file: [] for an output being resumed, an
-    error for an input the user named (must_exist=True).
-    numbered=True: (line number, row) pairs, for messages that name the line."""
-    if not os.path.exists(path):
-        if must_exist:
-            raise ValueError(f"{path}: no such file")
-        return []
-    lines = open(path, encoding="utf-8").read().split("\n")
-    rows = []
-    for k, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append((k + 1, json.loads(line)) if numbered else json.loads(line))
-        except json.JSONDecodeError:
-            if k < len(lines) - 1:
-                raise ValueError(f"{path}:{k + 1}: invalid JSON")
-            if repair:
-                print(f"{path}: dropping a half-written last line from an interrupted run")
-                write_jsonl(path, [r[1] for r in rows] if numbered else rows)
-    return rows
-
-
-def write_jsonl(path, rows):
-    """The whole file at once: written beside it, flushed to disk, then swapped in, so that a
-    crash or a full disk leaves the old file or the new one, never half of either."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise
-    os.replace(path + ".tmp", path)
-
-
 def read_gens(files):
     """{file: (model name, rows)} of generation files, checked before any judging: every row
     can be scored, no id twice in a file, ids of one type in all (7 and "7" would be two prompts),
@@ -296,7 +255,7 @@ def read_gens(files):
     gens, owner, kind = {}, {}, None
     for f in files:
         rows, seen = [], set()
-        for line, r in read_jsonl(f, must_exist=True, numbered=True):
+        for line, r in jsonl.read(f, numbered=True):
             problem = preflight.row_problem(r, max_words=None, allow_empty=True, special_tokens=())
             if not problem and r["id"] in seen:
                 problem = f"id {r['id']!r} given twice"
@@ -319,11 +278,11 @@ def read_gens(files):
 
 def drop_failed(path, failed):
     """Rows of a resumable output whose judging failed are removed, so that this run asks again."""
-    rows = read_jsonl(path)
+    rows = jsonl.read(path, must_exist=False, repair=True)
     keep = [r for r in rows if not failed(r)]
     if len(keep) < len(rows):
         print(f"{path}: asking again for {len(rows) - len(keep)} failed judgement(s)")
-        write_jsonl(path, keep)
+        jsonl.write(path, keep)
     return keep
 
 
@@ -332,7 +291,7 @@ def read_pairs(paths, must_exist=True):
     that is 'a', 'b', 'tie' or null (missing); 'A' and 'B' are read as 'a' and 'b'."""
     rows = []
     for path in (p for p in paths.split(",") if p):
-        for k, r in enumerate(read_jsonl(path, must_exist), 1):
+        for k, r in jsonl.read(path, numbered=True, must_exist=must_exist):
             w = r.get("winner") if isinstance(r, dict) else None
             w = w.lower() if isinstance(w, str) else w
             if not isinstance(r, dict) or not all(isinstance(r.get(f), str) and r[f] for f in ("model_a", "model_b")):
@@ -344,22 +303,6 @@ def read_pairs(paths, must_exist=True):
     return rows
 
 
-def append_jsonl(path, row, sync=False):
-    """Append one row; sync: flushed to disk at once, and a failed write (a full disk) leaves
-    the file as it was instead of a half line."""
-    size = os.path.getsize(path) if os.path.exists(path) else 0
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-    except OSError:
-        if sync and os.path.exists(path):
-            os.truncate(path, size)
-        raise
-
-
 def scores_path(gens):
     return gens[: -len(".jsonl")] + ".scores.jsonl" if gens.endswith(".jsonl") else gens + ".scores.jsonl"
 
@@ -367,7 +310,7 @@ def scores_path(gens):
 def shared_ids(files, allow_intersection):
     """The prompt ids every generation file covers; any gap is an error naming the missing ids
     unless allow_intersection, which compares on the intersection and says how many."""
-    ids = {f: {r["id"] for r in read_jsonl(f, must_exist=True)} for f in files}
+    ids = {f: {r["id"] for r in jsonl.read(f)} for f in files}
     common = set.intersection(*ids.values())
     union = set.union(*ids.values())
     if common != union:
@@ -383,7 +326,7 @@ def shared_ids(files, allow_intersection):
 def read_study(path):
     """A study file's items (python eval.py --task=study writes them), each checked."""
     items = []
-    for line, r in read_jsonl(path, must_exist=True, numbered=True, repair=False):
+    for line, r in jsonl.read(path, numbered=True):
         stories = r.get("stories") if isinstance(r, dict) else None
         if not (isinstance(stories, list) and isinstance(r.get("item"), int) and "id" in r and isinstance(r.get("prompt"), str)
                 and len(stories) == 2 and all(isinstance(s, dict) and isinstance(s.get("model"), str)
@@ -405,7 +348,7 @@ def read_annotations(folder):
         raise ValueError(f"{folder}: no annotation files (NAME.jsonl, written by --task=annotate)")
     votes, studies = [], {}
     for f in files:
-        for line, r in read_jsonl(f, numbered=True, repair=False):
+        for line, r in jsonl.read(f, numbered=True):
             if not (isinstance(r, dict) and "id" in r and r.get("choice") in ("A", "B", "tie")
                     and all(isinstance(r.get(k), str) and r[k] for k in ("model_a", "model_b"))):
                 raise ValueError(f"{f}:{line}: an annotation needs id, model_a, model_b and a choice A, B or tie")
@@ -430,7 +373,7 @@ def ci_text(m, ci, n, f=".1f"):
 
 def scored_rows(gens_file):
     """The judge's rows of a generation file (--task=score wrote them), by prompt id."""
-    scored = read_jsonl(scores_path(gens_file))
+    scored = jsonl.read(scores_path(gens_file), must_exist=False)
     if not scored:
         raise ValueError(f"{scores_path(gens_file)}: no scores; run --task=score first")
     return {r["id"]: r for r in scored}
@@ -586,13 +529,13 @@ def generate():
     import rollout
     if not model or not out:
         fail("--task=generate needs --model and --out")
-    rows = read_jsonl(prompts, must_exist=True)
+    rows = jsonl.read(prompts)
     for k, r in enumerate(rows, 1):
         t = r.get("target_words")
         if r.get("id") in (None, "") or not r.get("prompt") or isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= preflight.MAX_TARGET_WORDS:
             fail(f"{prompts}: row {k} needs id, prompt and a positive integer target_words")
     rows = rows[:limit] if limit else rows
-    done = {r["id"] for r in read_jsonl(out)}
+    done = {r["id"] for r in jsonl.read(out, must_exist=False, repair=True)}
     todo = [r for r in rows if r["id"] not in done]
     label = name or os.path.basename(model.rstrip("/"))
     print(f"{len(rows) - len(todo)} of {len(rows)} prompts already in {out}; generating {len(todo)} with {label}")
@@ -654,10 +597,10 @@ def generate():
                 missed.append(f"{r['id']} ({finish})" if story is None else
                               f"{r['id']} (no story: {finish}, {rubric.count_words(thinking)} words of thinking)")
                 continue
-            append_jsonl(out, dict(id=r["id"], prompt=r["prompt"], target_words=r["target_words"],
-                                   category=r.get("category", ""), model=label, story=story,
-                                   words=rubric.count_words(story), thinking_words=rubric.count_words(thinking),
-                                   finish_reason=finish))
+            jsonl.append(out, [dict(id=r["id"], prompt=r["prompt"], target_words=r["target_words"],
+                                    category=r.get("category", ""), model=label, story=story,
+                                    words=rubric.count_words(story), thinking_words=rubric.count_words(thinking),
+                                    finish_reason=finish)])
     if api_url:
         client.close()
     if missed:
@@ -681,7 +624,7 @@ def score():
         print(f"{f}: scoring {len(todo)} of {len(rows)} ({len(done)} already in {scores_path(f)})")
         results, used = judge_http.score(client, todo, progress=True)
         for r, res in zip(todo, results):
-            append_jsonl(scores_path(f), dict(id=r["id"], target_words=r["target_words"], model=label, **res))
+            jsonl.append(scores_path(f), [dict(id=r["id"], target_words=r["target_words"], model=label, **res)])
         print(f"  judge: {used['failures']} failures, {used['tokens_in'] + used['tokens_out']} tokens, ${used['cost']:.4f}"
               + (f" (+ the unknown cost of {used['unpriced']} replies without token counts)" if used["unpriced"] else ""))
     client.close()
@@ -714,8 +657,8 @@ def pairwise():
     for i, ma, mb, f1, f2 in tqdm(jobs, desc="pairwise"):
         r1, r2 = f1.result(), f2.result()
         overall = lambda r: r["parsed"]["Overall"] if r["parsed"] else None
-        append_jsonl(pairs, dict(id=i, model_a=ma, model_b=mb, winner=dual_verdict(overall(r1), overall(r2)),
-                                 first=r1["parsed"], second=r2["parsed"], error=r1["error"] or r2["error"]))
+        jsonl.append(pairs, [dict(id=i, model_a=ma, model_b=mb, winner=dual_verdict(overall(r1), overall(r2)),
+                                  first=r1["parsed"], second=r2["parsed"], error=r1["error"] or r2["error"])])
     client.close()
     print(md_table(*win_rows(win_table(read_pairs(pairs), n_boot))))
 
@@ -764,7 +707,7 @@ def draw_study():
     rng = np.random.default_rng(seed)
     chosen = [ids[k] for b_, ids in by_bucket.items() for k in sorted(rng.permutation(len(ids))[:want[b_]])]
     chosen = [chosen[k] for k in rng.permutation(len(chosen))]
-    write_jsonl(out, [dict(item=k, id=i, prompt=a[i]["prompt"], target_words=a[i]["target_words"],
+    jsonl.write(out, [dict(item=k, id=i, prompt=a[i]["prompt"], target_words=a[i]["target_words"],
                            bucket=bucket(a[i]["target_words"]), category=a[i].get("category", ""), seed=seed,
                            stories=[dict(model=name_a, story=a[i]["story"]), dict(model=name_b, story=b[i]["story"])])
                       for k, i in enumerate(chosen, 1)])
@@ -782,7 +725,7 @@ def annotate():
     study_name = os.path.basename(study)
     path = os.path.join(os.path.dirname(os.path.abspath(study)), "annotations", f"{annotator}.jsonl")
     preflight.take_lock(path[: -len(".jsonl")] + ".lock", 120.0)  # one page per annotator's file
-    rows = read_jsonl(path)
+    rows = jsonl.read(path, must_exist=False, repair=True)
     other = next((r.get("study") for r in rows if r.get("study") != study_name), None)
     if other or any(r.get("item") not in {it["item"] for it in items} for r in rows):
         fail(f"{path} holds choices for another study ({other!r}, not {study_name!r}): give each study its own folder")
@@ -805,7 +748,7 @@ def annotate():
                                reason=params.get("reason", "").strip(),
                                seconds=round(time.time() - shown.get(todo[0]["item"], time.time()), 1),
                                time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
-                    append_jsonl(path, row, sync=True)
+                    jsonl.append(path, [row], sync=True)
                     rows.append(row)
                     return 303, "", {"Location": "/"}
                 if rows and (str(last), rows[-1]["choice"]) == (params.get("item"), params.get("choice")):
@@ -813,7 +756,7 @@ def annotate():
                 return 303, "", {"Location": f"/?refused={urllib.parse.quote(params.get('item', ''))}"}
             if method == "POST" and route == "/undo":
                 if rows and params.get("item") == str(last):
-                    write_jsonl(path, rows[:-1])
+                    jsonl.write(path, rows[:-1])
                     undone[last] = rows.pop()
                     shown[last] = time.time()
                 return 303, "", {"Location": "/"}

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import re
+import unicodedata
 
 # -----------------------------------------------------------------------------
 # the rubric
@@ -58,6 +59,16 @@ def count_words(text):
     """The project's one word count: whitespace-separated tokens with a letter or digit in them
     ("don't" and "well-known" are one word each; a lone "--" is none)."""
     return sum(1 for tok in (text or "").split() if _WORD.search(tok))
+
+
+_FILLERS = set("\u115f\u1160\u2800\u3164\uffa0")  # letters and symbols that draw nothing
+
+
+def is_blank(text):
+    """True for a text that shows nothing: only whitespace and invisible characters (zero-width
+    spaces and joiners, byte-order marks, other format or control characters, blank fillers).
+    Such a story counts as empty everywhere: it is never judged, trained on as a story, or written."""
+    return all(c.isspace() or c in _FILLERS or unicodedata.category(c) in ("Cf", "Cc") for c in text or "")
 
 
 def length_score(words, target_words):

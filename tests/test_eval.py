@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import eval as ev
+import jsonl
 import preflight
 import tiny
 from local_judge import serve_local
@@ -84,8 +85,11 @@ def test_disconnected_graph_and_missing_ids_are_errors(tmp_path):
 def test_half_written_file_is_resumed_not_truncated(tmp_path):
     f = tmp_path / "g.jsonl"
     f.write_text(json.dumps({"id": "a"}) + "\n" + json.dumps({"id": "b"}) + "\n" + '{"id": "c", "sto')
-    assert [r["id"] for r in ev.read_jsonl(str(f))] == ["a", "b"], "complete rows are kept"
-    ev.append_jsonl(str(f), {"id": "c"})
+    before = f.read_bytes()
+    assert [r["id"] for r in jsonl.read(str(f))] == ["a", "b"], "complete rows are kept"
+    assert f.read_bytes() == before, "a file that is only read is never changed"
+    assert [r["id"] for r in jsonl.read(str(f), repair=True)] == ["a", "b"], "its owner removes the cut line"
+    jsonl.append(str(f), [{"id": "c"}])
     assert [json.loads(l)["id"] for l in f.read_text().splitlines()] == ["a", "b", "c"], "appending continues cleanly"
 
 
