@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -25,10 +26,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import jsonl
 import rubric
 
 # the model card's sampling for long stories, written into every checkpoint's generation_config
 CARD_SAMPLING = dict(do_sample=True, temperature=0.6, top_p=0.95, top_k=20)
+
+
+def save_tiny_base(model, tok, base_dir):
+    """The tiny run's base model, written whole or not at all (beside, then renamed)."""
+    tmp = base_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(base_dir, ignore_errors=True)
+    os.rename(tmp, base_dir)
 
 
 def base_folder(init_from, out_dir):
@@ -108,6 +120,31 @@ def damaged(path):
     return ""
 
 
+def by_step(out_dir):
+    """The checkpoint folders of out_dir, oldest first, by the step in their name (ckpt_000040)."""
+    found = [(int(m[1]), p) for p in glob.glob(os.path.join(out_dir, "ckpt_*"))
+             if (m := re.fullmatch(r"ckpt_(\d+)", os.path.basename(p)))]
+    return [p for _, p in sorted(found)]
+
+
+def step_of(path):
+    return int(os.path.basename(path.rstrip("/"))[len("ckpt_"):])
+
+
+def prune(out_dir, keep_last, resumed):
+    """Remove old checkpoints: keep the newest keep_last complete ones, and the one the run resumed
+    from (step `resumed`) until keep_last complete ones are newer. A damaged one never counts, and
+    nothing newer than the newest complete one is removed."""
+    ckpts = by_step(out_dir)
+    complete = [p for p in ckpts if not damaged(p)]
+    keep = set(complete[-keep_last:])
+    if sum(step_of(p) > resumed for p in complete) < keep_last:
+        keep |= {p for p in complete if step_of(p) == resumed}
+    for p in ckpts:
+        if p not in keep and step_of(p) < step_of(complete[-1]):
+            shutil.rmtree(p)
+
+
 def _first_error(err, world):
     """Every rank learns the first error any rank had ('' when none)."""
     errs = [err]
@@ -124,9 +161,10 @@ def _write_error(e, out_dir):
     return why if "No space" in why or free > 2 ** 20 else f"No space left on device, {free:,} bytes free ({why})"
 
 
-def save(out_dir, step, model, opt, base_dir, state, keep_last, rank=0, world=1):
-    """Every rank together: write ckpt_{step}; keep the newest keep_last. A write that fails on any
-    rank (a full disk) removes the temporary folder and stops the run, saying why."""
+def save(out_dir, step, model, opt, base_dir, state, keep_last, resumed=0, rank=0, world=1):
+    """Every rank together: write ckpt_{step}, then prune (keep_last, and the checkpoint of step
+    `resumed` that the run continued from). A write that fails on any rank (a full disk) removes
+    the temporary folder and stops the run, saying why."""
     final, tmp = os.path.join(out_dir, f"ckpt_{step:06d}"), os.path.join(out_dir, f".tmp_ckpt_{step:06d}")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -149,15 +187,14 @@ def save(out_dir, step, model, opt, base_dir, state, keep_last, rank=0, world=1)
                 torch.save(dict(state, step=step, files=files), f)
             shutil.rmtree(final, ignore_errors=True)
             os.rename(tmp, final)
-            for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))[:-keep_last]:
-                shutil.rmtree(old)
+            prune(out_dir, keep_last, resumed)
         except Exception as e:  # noqa: BLE001 -- OSError, safetensors' errors
             err = _write_error(e, out_dir)
     err = _first_error(err, world)
     if err:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        newest = sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))
+        newest = by_step(out_dir)
         sys.exit(f"error: step {step}: the checkpoint could not be written ({err}); its temporary folder removed. The "
                  f"newest checkpoint is {newest[-1] if newest else 'none'}: free some space and run the same command "
                  "with --resume=auto")
@@ -183,42 +220,61 @@ LOGS = ("metrics.jsonl", "rollouts.jsonl", "evals.jsonl")  # rows with a step, t
 
 def trim_logs(out_dir, step):
     """Drop the rows of the logs written after the checkpoint of `step` (and a half-written last
-    line): each written anew beside the old one, then swapped in. A run folder from before run.json
-    counted steps from 0: its rows are renumbered from 1 on the way. Returns '' or why a write
-    failed (a full disk), with every file as it was."""
+    line): each written anew beside the old one, then swapped in. When the run continues from an
+    older checkpoint than its newest (--resume_from), nothing is dropped: the later checkpoints and
+    the later rows are moved into out_dir/abandoned_TIME/, and that is said. A run folder from before
+    run.json counted steps from 0: its rows are renumbered from 1 on the way. Returns '' or why a
+    write failed (a full disk), with every file as it was."""
     paths = [p for p in (os.path.join(out_dir, n) for n in LOGS) if os.path.exists(p)]
+    later = [p for p in by_step(out_dir) if step_of(p) > step]
+    aside = os.path.join(out_dir, f"abandoned_{time.strftime('%Y%m%d-%H%M%S')}") if later else None
     shift = 0 if os.path.exists(os.path.join(out_dir, "run.json")) else 1
     try:
         for path in paths:
-            with open(path, encoding="utf-8", errors="replace") as src, open(path + ".tmp", "w") as dst:
+            with open(path, encoding="utf-8", errors="replace") as src, open(path + ".tmp", "w") as dst, \
+                    open(path + ".later", "w") as rest:
                 for line in src:
                     try:
                         row = json.loads(line)
-                        if row["step"] + shift <= step:
-                            dst.write(json.dumps(dict(row, step=row["step"] + shift)) + "\n" if shift else
-                                      line if line.endswith("\n") else line + "\n")
-                    except ValueError:
+                        keep = row["step"] + shift <= step
+                        (dst if keep else rest).write(json.dumps(dict(row, step=row["step"] + shift)) + "\n" if shift
+                                                      else line if line.endswith("\n") else line + "\n")
+                    except (ValueError, KeyError, TypeError):
                         pass  # the half-written last line of a run killed during the append
-                dst.flush()
-                os.fsync(dst.fileno())
+                for f in (dst, rest):
+                    f.flush()
+                    os.fsync(f.fileno())
     except OSError as e:
         for p in paths:
-            if os.path.exists(p + ".tmp"):
-                os.remove(p + ".tmp")
+            for tmp in (p + ".tmp", p + ".later"):
+                if os.path.exists(tmp):
+                    os.remove(tmp)
         return f"cannot rewrite {path} to drop the rows after step {step}: {e.strerror}"
+    if aside:  # continuing from an older checkpoint: what came after it is kept, out of the run's way
+        os.makedirs(aside)
+        for p in later:
+            os.rename(p, os.path.join(aside, os.path.basename(p)))
     for path in paths:
+        if aside:
+            os.rename(path + ".later", os.path.join(aside, os.path.basename(path)))
+        else:
+            os.remove(path + ".later")
         os.replace(path + ".tmp", path)
+    if aside:
+        print(f"continuing from step {step}, older than the newest checkpoint: "
+              f"{', '.join(os.path.basename(p) for p in later)} and the log rows after step {step} moved to {aside}")
     if shift:  # renumbered: prepare() writes run.json in full, this says so should the run stop before it
         with open(os.path.join(out_dir, "run.json"), "w") as f:
             json.dump({}, f)
     return ""
 
 
-def prepare(out_dir, state, config):
+def prepare(out_dir, state, config, world_size, changed=None):
     """Before the first step, on the master: remove a checkpoint whose writer was killed, and for a
     new run in a folder with logs but no checkpoint (resume='auto' after a run killed before its
-    first save) move the old logs aside, never mixing them with the new. Write run.json (the run's
-    id and settings; its presence says that the logs count steps from 1). Returns the run's id."""
+    first save) move the old logs aside, never mixing them with the new. Write run.json: the run's
+    id, the settings of its first start, and one entry per start (its step, world size and the
+    settings changed on resume); its presence says that the logs count steps from 1. Returns the run's id."""
     for tmp in glob.glob(os.path.join(out_dir, ".tmp_ckpt_*")):
         shutil.rmtree(tmp)
     logs = [f for f in LOGS + ("references.jsonl", "run.json") if os.path.exists(os.path.join(out_dir, f))]
@@ -228,22 +284,42 @@ def prepare(out_dir, state, config):
         for f in logs:
             os.rename(os.path.join(out_dir, f), os.path.join(aside, f))
         print(f"{out_dir} held logs but no checkpoint: starting over, the old logs moved to {aside}")
+    try:
+        old = json.load(open(os.path.join(out_dir, "run.json"))) if state else {}
+    except (OSError, ValueError):
+        old = {}
     run_id = state.get("run_id") or f"{time.strftime('%Y%m%d%H%M%S')}{random.Random().randrange(16 ** 6):06x}"
-    with open(os.path.join(out_dir, "run.json.tmp"), "w") as f:
-        json.dump(dict(run_id=run_id, config=config), f, indent=1)
-    os.replace(os.path.join(out_dir, "run.json.tmp"), os.path.join(out_dir, "run.json"))
+    start = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), step=state.get("step", 0), world_size=world_size,
+                 changed=changed or {})
+    jsonl.write_json(os.path.join(out_dir, "run.json"), dict(run_id=run_id, config=old.get("config") or config,
+                                                           starts=old.get("starts", []) + [start]))
     return run_id
+
+
+def config_in_force(run):
+    """A run.json's settings as its latest start ran them: the first start's, with each resume's changes."""
+    config = dict(run.get("config") or {})
+    for start in run.get("starts", []):
+        config.update({k: now for k, (_, now) in start.get("changed", {}).items()})
+    return config
+
 
 # -----------------------------------------------------------------------------
 # stopping at a safe point: SIGTERM (a cluster's preemption), Ctrl-C, a peer that died
 
 
 def watch(run, ddp, dist_timeout_s):
-    """SIGTERM or SIGINT puts its name in run['stop']: the loop stops at its next safe point and
-    checkpoints the last completed step; a second signal exits at once (a checkpoint being written
-    stays a .tmp_ folder). A collective that failed (a peer died, or one waited dist_timeout_s for a
+    """SIGTERM or SIGINT while run['phase'] is 'starting' ends the run at once (run['release']()
+    frees its lock; nothing is written before the logs are prepared). Later, it puts its name in
+    run['stop']: the loop stops at its next safe point and checkpoints the last completed step; a
+    second signal exits at once (a checkpoint being written stays a .tmp_ folder). A collective that failed (a peer died, or one waited dist_timeout_s for a
     stuck one) ends the run with one line naming the step, not gloo's or nccl's traceback."""
     def on_signal(signum, frame):
+        if run["phase"] == "starting":  # nothing to save yet: end now, whatever the start-up is doing
+            print(f"\nerror: stopped by {signal.Signals(signum).name} while starting, before any step. Start it again "
+                  f"with:\n  {run['again']}", file=sys.stderr, flush=True)
+            run["release"]()
+            os._exit(1)
         if run["stop"]:
             os._exit(128 + signum)
         run["stop"].append(signal.Signals(signum).name)

@@ -23,7 +23,10 @@ import difflib
 import math
 import os
 import re
+import shlex
+import shutil
 import sys
+import traceback
 
 SETTING_TYPES = (bool, int, float, str, tuple, list, dict, type(None))
 ALSO_ALLOWED = {"resume": ("auto",)}  # values a setting takes beside those of its default's type
@@ -51,7 +54,18 @@ def _finite(v):
     return not isinstance(v, float) or math.isfinite(v)
 
 
+def _surrogates(text):
+    """A command-line byte that is not UTF-8 reaches Python as a lone surrogate, which no file can hold."""
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
 def _check(keys, key, value, where):
+    if isinstance(value, str) and not value.isprintable() and _surrogates(value):
+        _fail(f"{where}: {key}={value!r} is not valid UTF-8 (a byte such as \\xff in the name): use UTF-8 text")
     if not _finite(value):
         _fail(f"{where}: {key}={value!r} is not a finite number")
     if key not in keys:
@@ -85,7 +99,11 @@ def configure(g, argv=None):
             lines = {t.id: node.lineno for node in tree.body if isinstance(node, ast.Assign)
                      for t in node.targets if isinstance(t, ast.Name)}
             scope = {}
-            exec(compile(tree, arg, "exec"), scope)
+            try:
+                exec(compile(tree, arg, "exec"), scope)
+            except Exception as e:  # noqa: BLE001 -- a config file is Python: name its line, not a traceback
+                line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == arg), "?")
+                _fail(f"{arg}:{line}: {type(e).__name__}: {e}")
             for k, v in scope.items():
                 if k.startswith("_") or not isinstance(v, SETTING_TYPES):
                     continue  # imports, helpers
@@ -123,3 +141,17 @@ def check_ranges(c, rules):
            for k, rule in rules.items() if k in c and not (_finite(c[k]) and _in_range(c[k], rule))]
     if bad:
         _fail("; ".join(bad))
+
+
+def command(script, drop=(), add=()):
+    """The command line that ran `script`, as a person would type it again: the same config files
+    and flags, less those whose key is in `drop`, plus the flags in `add` (e.g. '--resume=auto').
+    Under torchrun on one node, its torchrun line; on several, the script's part of each node's line."""
+    python = "python" if shutil.which("python") else sys.executable
+    launch = f"{python} {script}"
+    if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun
+        local, world = os.environ["LOCAL_WORLD_SIZE"], os.environ.get("WORLD_SIZE", "1")
+        launch = (f"torchrun --standalone --nproc_per_node={local} {script}" if local == world else
+                  f"(each node's torchrun line, as before) {script}")
+    keep = [a for a in sys.argv[1:] if a.split("=", 1)[0][2:] not in drop or not a.startswith("--")]
+    return " ".join([launch] + [shlex.quote(redact_url(a)) for a in keep + list(add)])

@@ -76,7 +76,11 @@ def find_checkpoint(out_dir, resume, resume_from):
     """The checkpoint this run continues, or None for a new run. A new run never mixes into an
     old one; a damaged checkpoint is named with the newest whole one."""
     import checkpoint
-    ckpts = sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))
+    if not out_dir.strip():
+        fail("out_dir is empty: name the run's folder, e.g. --out_dir=out/run1")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"out_dir={out_dir} is a file, not a folder: name another out_dir")
+    ckpts = checkpoint.by_step(out_dir)
     logs = any(os.path.exists(os.path.join(out_dir, f)) for f in ("metrics.jsonl", "rollouts.jsonl"))
     if resume is True and not ckpts and not resume_from:
         fail(f"--resume=True but no checkpoint in {out_dir} (--resume=auto starts a run when there is none)")
@@ -92,19 +96,26 @@ def find_checkpoint(out_dir, resume, resume_from):
     return ckpt
 
 
-def check_resume(ckpt, config, data_sha):
+def check_resume(ckpt, config, data_sha, verbose=True):
     """Every rank reads the checkpoint's state: the settings that decide the data order and the
-    batch must be the saved ones."""
+    batch must be the saved ones; any other setting may change, and each change is printed.
+    Returns (state, {setting: [before, now]})."""
     import torch
     state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
     was = dict(state["config"], train_data_sha256=state["data_sha256"])
     now = dict(config, train_data_sha256=data_sha)
-    changed = [f"{k} {was[k]!r} -> {now[k]!r}" for k in ("batch_groups", "group_size", "n_ref", "seed",
+    refused = [f"{k} {was[k]!r} -> {now[k]!r}" for k in ("batch_groups", "group_size", "n_ref", "seed",
                                                           "train_data_sha256") if was[k] != now[k]]
-    if changed:
+    if refused:
         fail(f"resume: {ckpt} was written with other settings that decide the data order or the batch: "
-             + "; ".join(changed) + ". Resume with the same ones, or start another out_dir")
-    return state
+             + "; ".join(refused) + ". Resume with the same ones, or start another out_dir")
+    changed = {k: [was[k], v] for k, v in now.items() if k in was and was[k] != v and k not in RESUME_FREE}
+    if changed and verbose:
+        print("changed on resume: " + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    return state, changed
+
+
+RESUME_FREE = ("out_dir", "resume", "resume_from")  # how a run is found and continued, not what it computes
 
 
 def load_data(c, ckpt):
@@ -152,8 +163,9 @@ def load_data(c, ckpt):
         if c["eval_interval"]:
             eval_rows = load_rows(c["eval_data"], max_words=None, special_tokens=specials,
                                   check=lambda row: too_long(dict(row, story="")))
-            trained = {t["id"] for t in rows} | {t["prompt"] for t in rows}
-            seen = [r["id"] for r in eval_rows if r["id"] in trained or r["prompt"] in trained]
+            same = lambda text: " ".join(text.split()).casefold()  # a trailing space or a capital is the same prompt
+            trained = {t["id"] for t in rows} | {same(t["prompt"]) for t in rows}
+            seen = [r["id"] for r in eval_rows if r["id"] in trained or same(r["prompt"]) in trained]
             if seen:  # held out means never trained on
                 fail(f"eval_data: {len(seen)} of its rows are in train_data too (id {seen[0]!r} first): held-out prompts "
                      "must not be trained on")
@@ -181,14 +193,14 @@ def row_problem(row, max_words, allow_empty, special_tokens):
         return "missing field " + ", ".join(repr(k) for k in missing)
     if isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):
         return f"id must be a string or an integer, got {row['id']!r}"
-    if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+    if not isinstance(row["prompt"], str) or rubric.is_blank(row["prompt"]):
         return "empty prompt"
     t = row["target_words"]
     if isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= MAX_TARGET_WORDS:
         return f"target_words must be a positive integer up to {MAX_TARGET_WORDS}, got {t!r}"
     if not isinstance(row["story"], str):
         return "story must be a string"
-    if not allow_empty and not row["story"].strip():
+    if not allow_empty and rubric.is_blank(row["story"]):
         return "empty story"
     if max_words and rubric.count_words(row["story"]) > max_words:
         return f"story has {rubric.count_words(row['story'])} words, over max_ref_words={max_words}"
@@ -352,12 +364,14 @@ def take_lock(path, stale_s):
             held, age = json.load(open(path)), time.time() - os.path.getmtime(path)
         except (OSError, ValueError):
             held, age = {}, math.inf  # half-written by a writer that died at once
+        if not isinstance(held, dict) or not (isinstance(held.get("pid"), int) and 0 < held["pid"] < 2 ** 22):
+            held, age = {}, math.inf  # not a lock this code wrote ([], null, a pid no process can have)
         gone = held.get("host") == me["host"] and (held.get("pid") == me["pid"] or not _alive(held.get("pid")))
         if not gone and age < stale_s:
             fail(f"{path} is in use by pid {held.get('pid')} on {held.get('host')} since {held.get('since')} (refreshed "
                  f"{age:.0f} s ago, taken over after {stale_s:g} s): wait for it, stop it, or use another folder")
-        print(f"taking over {path} from pid {held.get('pid')} on {held.get('host')}: "
-              + ("not running" if gone else f"not refreshed for {age:.0f} s"))
+        print(f"taking over {path}" + (": it holds no lock this code wrote" if not held else
+              f" from pid {held['pid']} on {held.get('host')}: " + ("not running" if gone else f"not refreshed for {age:.0f} s")))
         os.remove(path)
     else:
         fail(f"another run took {path} at the same moment")

@@ -42,6 +42,7 @@ import heldout
 import judge as judge_lib
 import preflight
 import rollout
+import configurator
 from configurator import configure, redact_url
 from optim import ShardedAdamW
 from preflight import fail
@@ -107,7 +108,8 @@ ddp_rank = int(os.environ.get("RANK", 0))
 ddp_local_rank = int(os.environ.get("LOCAL_RANK", 0))
 ddp_world_size = int(os.environ.get("WORLD_SIZE", 1))
 master_process = ddp_rank == 0
-run = dict(stop=[], phase="starting", step=0)  # what SIGTERM or Ctrl-C interrupts, and the signal's name
+run = dict(stop=[], phase="starting", step=0, release=lambda: None,  # what SIGTERM or Ctrl-C interrupts
+           again=configurator.command("train.py", drop=("resume", "resume_from"), add=["--resume=auto"]))
 checkpoint.watch(run, ddp, dist_timeout_s)
 stop = run["stop"]
 
@@ -122,7 +124,7 @@ try:
     eval_judge = heldout.judge(config, cache_dir=os.path.join(out_dir, "judge_cache"))  # None: eval_interval 0
 except (OSError, ValueError) as e:
     fail(str(e))
-state = preflight.check_resume(ckpt, config, data_sha) if ckpt else {}
+state, changed = preflight.check_resume(ckpt, config, data_sha, verbose=master_process) if ckpt else ({}, {})
 
 # -----------------------------------------------------------------------------
 # ranks: about fifteen lines, no wrapper
@@ -154,12 +156,12 @@ preflight.check_memory(model, model_config, ddp_world_size, ptdtype.itemsize, ve
                        checkpointing=gradient_checkpointing, budget=device_memory_gb * 1e9 or (
                            torch.cuda.get_device_properties(device).total_memory if "cuda" in device else 0))
 release_lock = preflight.take_lock(f"{out_dir}/run.lock", lock_stale_s) if master_process else lambda: None  # 1st write
+run["release"] = release_lock
 preflight.probe_judge(judge, rows, stop)
 preflight.probe_judge(eval_judge, eval_rows, stop)
 if init_from == "tiny" and not ckpt:
     if master_process:  # the tiny run's base model: its checkpoints' format, and evaluation's baseline
-        model.save_pretrained(base_dir)
-        tok.save_pretrained(base_dir)
+        checkpoint.save_tiny_base(model, tok, base_dir)
 else:
     model = checkpoint.policy(model_config, ckpt or init_from, dtype=ptdtype)
 model.to(device=device, dtype=ptdtype)
@@ -176,11 +178,14 @@ eos = rollout.eos_ids(model, tok)
 opt = ShardedAdamW([p for p in model.parameters() if p.requires_grad], ddp_world_size, ddp_rank,
                    (beta1, beta2), weight_decay=weight_decay, piece_numel=piece_numel)
 start_step = state.get("step", 0)
+run["phase"] = "preparing out_dir"  # from here a signal waits for the first safe point: logs are being moved
 if ckpt:  # the optimizer's fp32 state and the weights from it; the logs' rows after the checkpoint dropped
+    if master_process:
+        print(f"resuming from {ckpt} (step {start_step} of {max_steps})")
     checkpoint.restore(ckpt, start_step, opt, rank=ddp_rank, world=ddp_world_size, out_dir=out_dir)
 if ddp:
     preflight.check_ranks(start_step, data_sha, ddp_world_size)
-run_id = checkpoint.prepare(out_dir, state, safe_config) if master_process else None  # kept across resumes
+run_id = checkpoint.prepare(out_dir, state, safe_config, ddp_world_size, changed) if master_process else None  # kept across resumes
 wandb_run = None
 if wandb_log and master_process:  # the same wandb run continues on resume
     import wandb
@@ -227,22 +232,26 @@ def micro_batch_loss(mb, old_logp, denom, padding):
 
 
 def stop_run(done, where, why=None):
-    """Every rank together: on a signal, checkpoint the last completed step if it has none; exit at once."""
+    """Every rank together: checkpoint the last completed step if it has none, say why the run
+    stopped and the command that continues it, exit at once (a judge request in flight is not waited for)."""
     for j in filter(None, (judge, eval_judge)):
         j.cancel()
-    if done > saved and not why:
+    if done > saved:
         save_checkpoint(done)
     if master_process:
-        print(f"error: {where}: {why}" if why else f"error: stopped by {(stop or ['a signal to another rank'])[0]} {where}: " + (
-            f"{out_dir}/ckpt_{done:06d} holds step {done}; run the same command with --resume=auto to continue"
-            if done else "no step was completed; start it again with --resume=auto"), file=sys.stderr, flush=True)
+        print(f"error: {where}: {why}" if why else f"error: stopped by {(stop or ['a signal to another rank'])[0]} {where}",
+              file=sys.stderr)
+        print((f"{out_dir}/ckpt_{done:06d} holds step {done}" if done else "no step was completed") + ". "
+              + ("Once the judge works again, continue" if why else "Continue") + f" with:\n  {run['again']}",
+              file=sys.stderr, flush=True)
     release_lock()
     os._exit(1)
 
 
 def save_checkpoint(step):
-    checkpoint.save(out_dir, step, model, opt, base_dir=base_dir, keep_last=keep_last, rank=ddp_rank, world=ddp_world_size,
-                    state=dict(config=safe_config, world_size=ddp_world_size, data_sha256=data_sha, run_id=run_id))
+    checkpoint.save(out_dir, step, model, opt, base_dir=base_dir, keep_last=keep_last, resumed=start_step, rank=ddp_rank,
+                    world=ddp_world_size, state=dict(config=safe_config, world_size=ddp_world_size, data_sha256=data_sha,
+                                                     run_id=run_id))
 
 
 def evaluate(step):

@@ -126,11 +126,14 @@ def test_an_evaluation_cut_short_is_redone_once(tmp_path):
 
 
 def test_evaluation_settings_are_checked_before_any_model_work(tmp_path):
-    for args, message in ((["--eval_interval=5", "--eval_data="], "eval_interval=5 needs eval_data"),
+    trained = rows("data/sample/train.jsonl")[3]  # the same prompt but for case and a trailing space: not held out
+    (tmp_path / "near.jsonl").write_text(json.dumps(dict(trained, id="new-id", prompt=trained["prompt"].upper() + " "))
+                                         + "\n")
+    for args, message in ((["--eval_interval=5", f"--eval_data={tmp_path}/near.jsonl"],
+                           "eval_data: 1 of its rows are in train_data too (id 'new-id' first)"),
+                          (["--eval_interval=5", "--eval_data="], "eval_interval=5 needs eval_data"),
                           (["--eval_interval=5", "--eval_data=data/sample/heldout.jsonl", "--eval_judge_workers='8'"],
-                           "eval_judge_workers='8' must be int like judge_workers=8"),
-                          (["--eval_interval=5", "--eval_data=data/sample/train.jsonl"],
-                           "eval_data: 18 of its rows are in train_data too")):
+                           "eval_judge_workers='8' must be int like judge_workers=8")):
         p = subprocess.run([sys.executable, "train.py", "config/tiny.py", f"--out_dir={tmp_path}/run", *args],
                            capture_output=True, text=True, env=ENV, timeout=60)
         assert p.returncode != 0 and message in p.stderr, f"{args}: {p.stderr[-1500:]}"

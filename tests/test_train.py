@@ -141,9 +141,19 @@ def test_sigkill_and_resume_is_bitwise_exact(tmp_path):
     p = train(run, *args, "--resume=auto", check=False)
     assert p.returncode != 0 and f"{run}/ckpt_000004/model.safetensors is truncated" in p.stderr, p.stderr[-2000:]
     assert f"--resume_from={run}/ckpt_000002" in p.stderr, "says which earlier checkpoint is complete"
-    train(run, *args, f"--resume_from={run}/ckpt_000002")
+    # as the error advises, with keep_last=1 and a stop after step 3: the damaged ckpt_000004 and the rows after
+    # step 2 are moved aside, never kept in place of a good checkpoint, and the good ones are not pruned
+    p = train(run, *args, f"--resume_from={run}/ckpt_000002", "--keep_last=1", "--max_steps=3")
+    aside = [d for d in run.iterdir() if d.name.startswith("abandoned_")]
+    assert len(aside) == 1 and f"moved to {aside[0]}" in p.stdout, p.stdout[-2000:]
+    assert sorted(d.name for d in aside[0].iterdir()) == ["ckpt_000004", "metrics.jsonl", "rollouts.jsonl"], "kept aside"
+    assert [json.loads(l)["step"] for l in open(aside[0] / "metrics.jsonl")] == [3, 4], "the rows after step 2, aside"
+    assert sorted(d.name for d in run.glob("ckpt_*")) == ["ckpt_000003"], "the newest complete checkpoint kept"
+    p = train(run, *args, "--resume=auto", "--keep_last=1")  # and the run continues from its own newest
+    assert f"resuming from {run}/ckpt_000003 (step 3 of 4)" in p.stdout, p.stdout[-2000:]
     resumed = weights(run / "ckpt_000004")
     assert all(torch.equal(full[k], resumed[k]) for k in full), "resumed from the named checkpoint, bitwise"
+    assert [json.loads(l)["step"] for l in open(run / "metrics.jsonl")] == [1, 2, 3, 4], "each step once"
 
 
 def test_reward_rises_in_a_minute(tmp_path):
@@ -166,6 +176,58 @@ def test_a_used_out_dir_is_refused_unchanged(tmp_path):
     assert len(aside) == 1 and open(tmp_path / aside[0] / "metrics.jsonl").read() == '{"step": 0, "reward": 1.0}\n', \
         "the old logs kept aside, whole"
     assert [json.loads(l)["reward"] != 1.0 for l in open(tmp_path / "metrics.jsonl")] == [True], "never mixed"
+    # a setting that changes what the run computes may change on resume: said, and kept beside the first start's
+    p = train(tmp_path, "--resume=auto", "--max_steps=2", "--learning_rate=0.5", *FAST)
+    assert "changed on resume: max_steps 1 -> 2; learning_rate 0.01 -> 0.5" in p.stdout, p.stdout[-2000:]
+    run = json.load(open(tmp_path / "run.json"))
+    assert run["config"]["learning_rate"] == 0.01 and [s["changed"] for s in run["starts"]] == [
+        {}, {"learning_rate": [0.01, 0.5], "max_steps": [1, 2]}], run["starts"]
+
+
+def test_named_badly_at_start(tmp_path):
+    """Each ends in one line naming the setting, file or line, before any model work or file."""
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "raises.py").write_text("max_steps = 3\nlearning_rate = 1 / 0\n")
+    for args, message in (([f"--out_dir={tmp_path}/a_file"], f"out_dir={tmp_path}/a_file is a file, not a folder"),
+                          (["--out_dir="], "out_dir is empty: name the run's folder"),
+                          ([os.fsencode(f"--out_dir={tmp_path}/") + b"\xff\xfe"], "is not valid UTF-8"),
+                          ([f"{tmp_path}/raises.py"], f"{tmp_path}/raises.py:2: ZeroDivisionError: division by zero")):
+        p = subprocess.run([sys.executable, "train.py", "config/tiny.py", *args], capture_output=True, text=True,
+                           env=ENV, timeout=60)
+        assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, f"{args}: {p.stderr[-1500:]}"
+        assert "memory plan" not in p.stdout, "refused before any model work"
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "raises.py"], "nothing written"
+
+
+def test_a_lock_file_this_code_did_not_write_is_taken_over(tmp_path, capsys):
+    import preflight
+    for held in ("[]", "null", '{"pid": 1234567890123456789012345678901234567890, "host": "h"}', '{"pid": "x"}'):
+        (tmp_path / "run.lock").write_text(held)
+        release = preflight.take_lock(str(tmp_path / "run.lock"), 120.0)
+        assert json.load(open(tmp_path / "run.lock"))["pid"] == os.getpid(), f"{held}: taken over"
+        assert f"taking over {tmp_path}/run.lock: it holds no lock this code wrote" in capsys.readouterr().out, held
+        release()
+
+
+def test_a_story_without_spaces_is_refused_within_seconds_and_a_signal_ends_the_start(tmp_path):
+    rows = [json.loads(l) for l in open("data/sample/train.jsonl")]
+    rows[4]["story"] = "ab" * 1_000_000  # one 2 MB 'word': the tiny tokenizer once trained on it for hours
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = [sys.executable, "train.py", "config/tiny.py", f"--train_data={tmp_path}/train.jsonl", f"--out_dir={tmp_path}/r"]
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
+    assert p.returncode != 0 and f"{tmp_path}/train.jsonl:5: the prompt and its reference story are" in p.stderr, \
+        p.stderr[-2000:]
+    assert time.time() - t0 < 60, f"refused by path:line in {time.time() - t0:.0f} s, not hours"
+    for sig in (signal.SIGTERM, signal.SIGINT):  # while starting (the tokenizer learns): the run ends at once
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        time.sleep(3)
+        proc.send_signal(sig)
+        t0 = time.time()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0 and time.time() - t0 < 10, f"{sig.name}: ended {time.time() - t0:.0f} s later"
+        assert f"stopped by {sig.name} while starting" in err and "Traceback" not in err, err[-2000:]
+        assert not os.path.exists(f"{tmp_path}/r/run.lock"), "its lock released"
 
 
 def fault_server(script):
@@ -175,20 +237,29 @@ def fault_server(script):
 
 @pytest.mark.parametrize("code", [401, 404])
 def test_a_judge_that_rejects_the_key_stops_the_run(tmp_path, code):
-    # the first reply is fine (the check before the model loads), then every request is refused:
-    # the run stops in step 1, before its update and checkpoint, naming the status and the URL
-    s = fault_server([("reply", None)] + [("status", code, {})] * 100)
+    # the probe before the model loads and step 1 are answered, then every request is refused: the run
+    # stops in step 2, before its update, naming the status and the URL; step 1 is checkpointed (save_interval
+    # is 20) and the printed command continues the run once the judge answers again
+    s = fault_server([("reply", None)] * 13 + [("status", code, {})] * 100)
     secret = "sk-secret-123456"
+    env = dict(ENV, POLARIS_TEST_KEY=secret)
     try:
         p = subprocess.run([sys.executable, "train.py", "config/tiny.py", f"--out_dir={tmp_path}", f"--judge_url={s.url}",
-                            "--judge_key_env=POLARIS_TEST_KEY", *FAST], capture_output=True, text=True,
-                           env=dict(ENV, POLARIS_TEST_KEY=secret), timeout=120)
+                            "--judge_key_env=POLARIS_TEST_KEY", "--max_steps=3", *FAST], capture_output=True, text=True,
+                           env=env, timeout=120)
+        assert p.returncode != 0 and f"HTTP {code} from {s.url}/chat/completions" in p.stderr, p.stderr[-2000:]
+        assert "step 2: a judge failure that no retry can fix" in p.stderr, p.stderr[-2000:]
+        assert secret not in p.stdout + p.stderr, "the key is never printed"
+        assert [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")] == [1], "step 2 never updated"
+        assert sorted(c.name for c in tmp_path.glob("ckpt_*")) == ["ckpt_000001"], "the completed step is saved"
+        again = p.stderr.split("continue with:\n", 1)[1].strip().splitlines()[0]
+        assert again.startswith("python train.py config/tiny.py") and again.endswith("--resume=auto"), again
+        s.script.clear()  # the judge answers again: the printed command, as printed, finishes the run
+        p = subprocess.run(again, shell=True, capture_output=True, text=True, env=env, timeout=120)
     finally:
         s.close()
-    assert p.returncode != 0 and f"HTTP {code} from {s.url}/chat/completions" in p.stderr, p.stderr[-2000:]
-    assert "step 1: a judge failure that no retry can fix" in p.stderr, p.stderr[-2000:]
-    assert secret not in p.stdout + p.stderr, "the key is never printed"
-    assert not (tmp_path / "metrics.jsonl").exists() and not list(tmp_path.glob("ckpt_*")), "no update, no checkpoint"
+    assert p.returncode == 0 and f"resuming from {tmp_path}/ckpt_000001" in p.stdout, p.stderr[-2000:]
+    assert [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")] == [1, 2, 3], "each step once"
     s = fault_server([("status", 401, {})])
     try:
         p = subprocess.run([sys.executable, "train.py", "config/tiny.py", f"--out_dir={tmp_path}/early",
