@@ -296,6 +296,20 @@ def prepare(out_dir, state, config, world_size, changed=None):
     return run_id
 
 
+def next_commands(out_dir, final, base, enable_thinking, tiny, max_new_tokens):
+    """What to run after training, as it can be copied: stories from the final checkpoint and from
+    its base, into out_dir's sibling eval/ folder, named for the run. The checkpoint tells
+    generation whether it thinks; the base needs it said. The tiny run writes no longer stories
+    than it trained on, for 60 prompts: a few minutes on a CPU."""
+    name, folder = os.path.basename(os.path.normpath(out_dir)), os.path.join(os.path.dirname(os.path.normpath(out_dir)), "eval")
+    small = f" --max_new_tokens={max_new_tokens} --limit=60" if tiny else ""
+    return (f"next: stories of the final checkpoint and of its base for {'60' if tiny else 'the 180'} evaluation prompts "
+            f"(docs/evaluation.md):\n"
+            f"  python eval.py --task=generate --model={final} --name={name} --out={folder}/{name}.jsonl{small}\n"
+            f"  python eval.py --task=generate --model={base} --name={name}-base --out={folder}/{name}-base.jsonl{small}"
+            + ("" if enable_thinking else " --enable_thinking=False"))
+
+
 def config_in_force(run):
     """A run.json's settings as its latest start ran them: the first start's, with each resume's changes."""
     config = dict(run.get("config") or {})

@@ -63,7 +63,7 @@ def _surrogates(text):
         return True
 
 
-def _check(keys, key, value, where):
+def _check(keys, key, value, where, g=None):
     if isinstance(value, str) and not value.isprintable() and _surrogates(value):
         _fail(f"{where}: {key}={value!r} is not valid UTF-8 (a byte such as \\xff in the name): use UTF-8 text")
     if not _finite(value):
@@ -79,16 +79,27 @@ def _check(keys, key, value, where):
     if type(default) in (tuple, list) and type(value) in (tuple, list):
         return type(default)(value)
     also = "".join(f" or {v!r}" for v in ALSO_ALLOWED.get(key, ()))
-    _fail(f"{where}: {key} must be {type(default).__name__} like its default {default!r}{also}, "
+    now = g[key] if g is not None else default
+    _fail(f"{where}: {key} must be {type(default).__name__} like {now!r} ({origin(key)}){also}, "
           f"got {type(value).__name__} {value!r}")
 
 
-def configure(g, argv=None):
-    """Override the settings in dict g (module globals) from argv; return {key: value}."""
+ORIGIN = {}  # setting -> where its value came from: 'config/tiny.py:12' or '--key'; absent: the default
+
+
+def origin(key):
+    return f"set in {ORIGIN[key]}" if key in ORIGIN else "its default"
+
+
+def configure(g, argv=None, about=""):
+    """Override the settings in dict g (module globals) from argv; return {key: value}.
+    --help or -h: print every setting instead (see settings_help) and exit; `about` comes first."""
     argv = sys.argv[1:] if argv is None else argv
-    keys = {k: v for k, v in g.items() if not k.startswith("_") and isinstance(v, SETTING_TYPES)}
-    verbose = int(os.environ.get("RANK", 0)) == 0  # print on the master only
-    for arg in argv:
+    keys = {k: v for k, v in g.items()  # UPPER_CASE names are constants, not settings
+            if not k.startswith("_") and not k.isupper() and isinstance(v, SETTING_TYPES)}
+    asked = any(a in ("--help", "-h") for a in argv)
+    verbose = int(os.environ.get("RANK", 0)) == 0 and not asked  # print on the master only
+    for arg in (a for a in argv if a not in ("--help", "-h")):
         if not arg.startswith("--"):
             # a config file: exec it alone, then check each name it set, with its line
             try:
@@ -104,15 +115,16 @@ def configure(g, argv=None):
             except Exception as e:  # noqa: BLE001 -- a config file is Python: name its line, not a traceback
                 line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == arg), "?")
                 _fail(f"{arg}:{line}: {type(e).__name__}: {e}")
-            for k, v in scope.items():
-                if k.startswith("_") or not isinstance(v, SETTING_TYPES):
-                    continue  # imports, helpers
-                g[k] = _check(keys, k, v, f"{arg}:{lines.get(k, '?')}")
+            set_here = [k for k, v in scope.items() if not k.startswith("_") and isinstance(v, SETTING_TYPES)]
+            for k in set_here:  # not imports or helpers
+                g[k] = _check(keys, k, scope[k], f"{arg}:{lines.get(k, '?')}", g)
+                ORIGIN[k] = f"{arg}:{lines.get(k, '?')}"
             if verbose:
-                print(f"config file {arg}: " + ", ".join(k for k in lines if not k.startswith("_")))
+                print(f"config file {arg}: {len(set_here)} settings (python {os.path.basename(sys.argv[0])} {arg} "
+                      "--help lists every setting and its value)")
             continue
         if "=" not in arg:
-            _fail(f"'{arg}' must look like --key=value")
+            _fail(f"'{arg}' must look like --key=value (--help lists the settings)")
         key, val = arg[2:].split("=", 1)  # the value may itself contain '='
         try:
             parsed = ast.literal_eval(val)
@@ -120,10 +132,54 @@ def configure(g, argv=None):
             parsed = val  # a bare string, e.g. --out_dir=out/run1
         if not (isinstance(keys.get(key), str) and not isinstance(parsed, str)):
             val = parsed  # but --run_name=42 stays the string '42'
-        g[key] = _check(keys, key, val, f"--{key}")
+        g[key] = _check(keys, key, val, f"--{key}", g)
+        ORIGIN[key] = f"--{key}"
         if verbose:
             print(f"override: {key} = {redact_url(repr(g[key]))}")
+    if asked:
+        print(settings_help(g, keys, about))
+        sys.exit(0)
     return {k: g[k] for k in keys}
+
+
+def settings_help(g, defaults, about=""):
+    """Every setting of the script that g belongs to, read from its source: grouped under the
+    comment lines that head them, each with its default, the value a config file or flag set, and
+    its comment. Settings are module globals, or globals set under the `__main__` guard."""
+    import io
+    import tokenize
+    path = g.get("__file__") or sys.argv[0]
+    src = open(path, encoding="utf-8").read()
+    comments = {t.start[0]: t.string.lstrip("# ") for t in tokenize.generate_tokens(io.StringIO(src).readline)
+                if t.type == tokenize.COMMENT}
+    lines = src.splitlines()
+    body = [n for node in ast.parse(src).body
+            for n in (node.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) else [node])]
+    out, shown = [about] if about else [], set()
+    script = os.path.basename(path)
+    out.append(f"usage: python {script} [CONFIG.py ...] [--key=value ...]: config files of overrides, then flags.\n"
+               "Each setting with its default; '->' what the config files and flags given set; then what it does.")
+    for node in body:
+        if not isinstance(node, ast.Assign):
+            continue
+        targets = [t for target in node.targets for t in (target.elts if isinstance(target, ast.Tuple) else [target])]
+        names = [t.id for t in targets if isinstance(t, ast.Name) and t.id in defaults and t.id not in shown]
+        if not names:
+            continue
+        k = node.lineno - 1  # the comment block above it, if any, heads a group
+        while k > 0 and lines[k - 1].lstrip().startswith("#"):
+            k -= 1
+        head = [line.strip() for line in lines[k:node.lineno - 1] if not line.lstrip().startswith("# ---")]
+        out.extend(["", *head] if head else [])
+        for name in names:
+            shown.add(name)
+            now = f" -> {redact_url(repr(g[name]))} ({ORIGIN[name]})" if name in ORIGIN else ""
+            note = comments.get(node.end_lineno, "")
+            out.append(f"  --{name}={redact_url(repr(defaults[name]))}{now}" + (f"  # {note}" if note else ""))
+    rest = [k for k in defaults if k not in shown]
+    if rest:
+        out.append("\nset outside these lines: " + ", ".join(rest))
+    return "\n".join(out)
 
 
 def _in_range(v, rule):
@@ -138,6 +194,7 @@ def check_ranges(c, rules):
     """rules: {key: '> 0' | '>= 1' | '[0, 1]' | '(0, 1]' | ...}. Exits naming every value of c
     outside its range (NaN is outside every range, and so is inf), before any expensive work."""
     bad = [f"{k}={c[k]!r} must be {'finite and ' * (abs(c[k]) == math.inf)}{'in ' * (rule[0] in '[(')}{rule}"
+           + (f" ({ORIGIN[k]})" if k in ORIGIN else "")
            for k, rule in rules.items() if k in c and not (_finite(c[k]) and _in_range(c[k], rule))]
     if bad:
         _fail("; ".join(bad))

@@ -118,29 +118,53 @@ def check_resume(ckpt, config, data_sha, verbose=True):
 RESUME_FREE = ("out_dir", "resume", "resume_from")  # how a run is found and continued, not what it computes
 
 
-def load_data(c, ckpt):
-    """The tokenizer, the model's config (and the tiny model, built now: its tokenizer is trained on
-    the data), and the training rows, every bad one named as path:line, a prompt or reference too
-    long for the model's positions too, and the held-out rows when eval_interval is set. Returns
-    (tok, config, tiny model or None, rows, held-out rows, sha256 of the training file, the
+def load_data(c):
+    """The training rows and, when eval_interval is set, the held-out rows, every bad one named as
+    path:line, and the held-out prompts checked against the training ones; no tokenizer needed, so
+    that a wrong path is named before anything waits on the network. Returns (rows, held-out rows,
+    sha256 of the training file)."""
+    key = "train_data"
+    try:
+        rows, eval_rows = load_rows(c["train_data"], max_words=c["max_ref_words"]), []
+        key = "eval_data"
+        if c["eval_interval"] and not c["eval_data"]:
+            fail(f"eval_interval={c['eval_interval']} needs eval_data, held-out rows in train_data's format")
+        if c["eval_interval"]:
+            eval_rows = load_rows(c["eval_data"], max_words=None)
+            same = lambda text: " ".join(text.split()).casefold()  # a trailing space or a capital is the same prompt
+            trained = {t["id"] for t in rows} | {same(t["prompt"]) for t in rows}
+            seen = [r["id"] for r in eval_rows if r["id"] in trained or same(r["prompt"]) in trained]
+            if seen:  # held out means never trained on
+                fail(f"eval_data: {len(seen)} of its rows are in train_data too (id {seen[0]!r} first): held-out prompts "
+                     "must not be trained on")
+    except FileNotFoundError as e:
+        fail(f"{key}: {e}")
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    return rows, eval_rows, hashlib.sha256(open(c["train_data"], "rb").read()).hexdigest()
+
+
+def load_tokenizer(c, ckpt, rows, eval_rows):
+    """The tokenizer and the model's config (from the hub, a folder or the checkpoint; the tiny model
+    is built now, its tokenizer trained on the data), then the rows checked again with it: no
+    special token of this tokenizer, and every prompt with max_new_tokens, and every prompt with
+    its reference, within the model's positions. Returns (tok, config, the tiny model or None, the
     longest sequence a row makes)."""
     from transformers import AutoConfig, AutoTokenizer
 
     import rollout
     import tiny
-    longest, path, tiny_model = 0, c["train_data"], None
+    tiny_model = None
     try:
-        if c["init_from"] == "tiny" and not ckpt:  # the rows are checked before the tokenizer learns from them
-            load_rows(path, max_words=c["max_ref_words"])
-            tiny_model, tok = tiny.build_tiny([path], c["tiny_vocab"], c["tiny_hidden"], c["tiny_layers"], c["seed"])
+        if c["init_from"] == "tiny" and not ckpt:
+            tiny_model, tok = tiny.build_tiny([c["train_data"]], c["tiny_vocab"], c["tiny_hidden"], c["tiny_layers"],
+                                              c["seed"])
             config = tiny_model.config
         else:
             tok, config = AutoTokenizer.from_pretrained(ckpt or c["init_from"]), AutoConfig.from_pretrained(ckpt or c["init_from"])
-    except FileNotFoundError as e:
-        fail(f"train_data: {e}")
     except (OSError, ValueError) as e:
-        fail(str(e))
-    positions, new = config.get_text_config().max_position_embeddings, c["max_new_tokens"]
+        fail(f"init_from={c['init_from']!r}: {e}")
+    positions, new, longest = config.get_text_config().max_position_embeddings, c["max_new_tokens"], 0
 
     def too_long(row):
         nonlocal longest
@@ -154,26 +178,14 @@ def load_data(c, ckpt):
         if m > positions:
             return f"the prompt and its reference story are {m:,} tokens, more than the model's {positions:,}"
     specials = sorted(set(CHAT_MARKERS) | set(tok.all_special_tokens))
-    key = "train_data"
     try:
-        rows = load_rows(path, max_words=c["max_ref_words"], special_tokens=specials, check=too_long)
-        key, eval_rows = "eval_data", []  # the held-out rows: their prompts, with max_new_tokens, must fit too
-        if c["eval_interval"] and not c["eval_data"]:
-            fail(f"eval_interval={c['eval_interval']} needs eval_data, held-out rows in train_data's format")
-        if c["eval_interval"]:
-            eval_rows = load_rows(c["eval_data"], max_words=None, special_tokens=specials,
-                                  check=lambda row: too_long(dict(row, story="")))
-            same = lambda text: " ".join(text.split()).casefold()  # a trailing space or a capital is the same prompt
-            trained = {t["id"] for t in rows} | {same(t["prompt"]) for t in rows}
-            seen = [r["id"] for r in eval_rows if r["id"] in trained or same(r["prompt"]) in trained]
-            if seen:  # held out means never trained on
-                fail(f"eval_data: {len(seen)} of its rows are in train_data too (id {seen[0]!r} first): held-out prompts "
-                     "must not be trained on")
-    except FileNotFoundError as e:
-        fail(f"{key}: {e}")
+        load_rows(c["train_data"], max_words=c["max_ref_words"], special_tokens=specials, check=too_long, warn=False)
+        if eval_rows:  # the held-out rows: their prompts, with max_new_tokens, must fit too
+            load_rows(c["eval_data"], max_words=None, special_tokens=specials, warn=False,
+                      check=lambda row: too_long(dict(row, story="")))
     except (OSError, ValueError) as e:
         fail(str(e))
-    return tok, config, tiny_model, rows, eval_rows, hashlib.sha256(open(path, "rb").read()).hexdigest(), longest
+    return tok, config, tiny_model, longest
 
 
 # data: one JSON object per line, {"id", "prompt", "target_words", "story"}
@@ -211,7 +223,8 @@ def row_problem(row, max_words, allow_empty, special_tokens):
     return None
 
 
-def load_rows(path, max_words=MAX_REF_WORDS, allow_empty=False, skip_bad=False, special_tokens=CHAT_MARKERS, check=None):
+def load_rows(path, max_words=MAX_REF_WORDS, allow_empty=False, skip_bad=False, special_tokens=CHAT_MARKERS, check=None,
+              warn=True):
     """Read and validate a JSONL file. Every bad row is named as path:line and reason; by
     default any bad row raises ValueError (skip_bad=True prints them and drops the rows).
     special_tokens: strings no prompt or story may contain (train.py adds its tokenizer's).
@@ -244,7 +257,8 @@ def load_rows(path, max_words=MAX_REF_WORDS, allow_empty=False, skip_bad=False, 
         print(f"skipping {b}")
     if not rows:
         raise ValueError(f"{path}: no usable rows")
-    warn_uncounted(path, rows)
+    if warn:
+        warn_uncounted(path, rows)
     return rows
 
 

@@ -98,7 +98,10 @@ judge_price_in, judge_price_out = 0.50, 3.00  # dollars per million tokens
 length_weight = 25.0  # reward = SQ - length_weight * (1 - length score)
 # held-out evaluation (heldout.py): at step 0, every eval_interval steps (0: never) and the last
 eval_interval, eval_data = 0, ""  # eval_data: JSONL rows like train_data's
-globals().update({f"eval_{k}": None for k in heldout.JUDGE_KEYS})  # eval_judge_url, ...: None = as judge_url, ...
+# the evaluation judge: each None is the training judge's setting (eval_judge_url None: judge_url, ...)
+eval_judge_url = eval_judge_model = eval_judge_key_env = None
+eval_judge_workers = eval_judge_timeout = eval_judge_retries = eval_judge_reasks = eval_judge_backoff_max = None
+eval_judge_extra = eval_judge_max_tokens = eval_judge_max_reply_bytes = eval_judge_price_in = eval_judge_price_out = None
 # -----------------------------------------------------------------------------
 config = configure(globals())
 safe_config = {k: redact_url(v) if isinstance(v, str) else v for k, v in config.items()}  # no key from a URL is stored
@@ -117,14 +120,15 @@ stop = run["stop"]
 # checks before any model work: the config, out_dir, the data (each bad row named), the judge
 ref_fixed = preflight.check_config(config, ddp_world_size, judge_lib.RANGES)
 ckpt = preflight.find_checkpoint(out_dir, resume, resume_from)  # the checkpoint this run continues, or None
-import transformers  # noqa: E402
-tok, model_config, model, rows, eval_rows, data_sha, longest = preflight.load_data(config, ckpt)  # model: tiny's
+rows, eval_rows, data_sha = preflight.load_data(config)  # before anything that waits on the network
 try:
     judge = judge_lib.judge_from_config(config, cache_dir=os.path.join(out_dir, "judge_cache"))
     eval_judge = heldout.judge(config, cache_dir=os.path.join(out_dir, "judge_cache"))  # None: eval_interval 0
 except (OSError, ValueError) as e:
     fail(str(e))
 state, changed = preflight.check_resume(ckpt, config, data_sha, verbose=master_process) if ckpt else ({}, {})
+import transformers  # noqa: E402
+tok, model_config, model, longest = preflight.load_tokenizer(config, ckpt, rows, eval_rows)  # model: the tiny one
 
 # -----------------------------------------------------------------------------
 # ranks: about fifteen lines, no wrapper
@@ -377,7 +381,9 @@ for j in filter(None, (judge, eval_judge)):
     j.close()
 if master_process:
     final = os.path.join(out_dir, f"ckpt_{max_steps:06d}")
-    print(f"done: {max_steps} steps{heldout.summary(out_dir)}; the final checkpoint is {final}\nnext: python eval.py "
-          f"--task=generate --model={final} --out={out_dir}/eval_gens.jsonl (docs/evaluation.md)")
+    print(f"done: {max_steps} steps{heldout.summary(out_dir)}; the final checkpoint is {final}")
+    print(checkpoint.next_commands(out_dir, final, base=base_dir if init_from == "tiny" else init_from,
+                                   enable_thinking=enable_thinking, tiny=init_from == "tiny",
+                                   max_new_tokens=max_new_tokens))
 if ddp:
     dist.destroy_process_group()

@@ -199,6 +199,32 @@ def test_named_badly_at_start(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a_file", "raises.py"], "nothing written"
 
 
+def test_a_missing_data_file_is_named_before_anything_asks_the_hub(tmp_path):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+    asked = []
+
+    class Hub(BaseHTTPRequestHandler):  # stands in for huggingface.co: records what reaches it
+        def do_GET(self):
+            asked.append(self.path)
+            self.send_error(503)
+        do_HEAD = do_GET
+
+        def log_message(self, *a):
+            pass
+    hub = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    env = dict(ENV, HF_ENDPOINT=f"http://127.0.0.1:{hub.server_address[1]}", GEMINI_API_KEY="x", OPENAI_API_KEY="x")
+    try:
+        p = subprocess.run([sys.executable, "train.py", "config/polaris.py", f"--out_dir={tmp_path}/run"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        hub.shutdown()
+    assert p.returncode != 0 and "train_data: [Errno 2] No such file or directory: 'data/polaris/train.jsonl'" in p.stderr, \
+        p.stderr[-2000:]
+    assert not asked, f"the hub was asked before the missing file was named: {asked[:3]}"
+
+
 def test_a_lock_file_this_code_did_not_write_is_taken_over(tmp_path, capsys):
     import preflight
     for held in ("[]", "null", '{"pid": 1234567890123456789012345678901234567890, "host": "h"}', '{"pid": "x"}'):
