@@ -554,7 +554,7 @@ def generate():
         client = judge_lib.Judge(api_url, model, key_env=api_key_env, workers=c["judge_workers"],
                                  timeout=c["judge_timeout"], retries=c["judge_retries"], max_tokens=0,
                                  max_reply_bytes=c["judge_max_reply_bytes"], cache_dir=gen_cache or None,
-                                 extra={k: v for k, v in fields.items() if v is not None})
+                                 extra={k: v for k, v in fields.items() if v is not None}, url_setting="api_url")
         # an empty reply is not cached (chat's default), so that a later run asks again
         futures = [client.pool.submit(client.chat, [dict(role="user", content=r["prompt"])]) for r in todo]
     else:

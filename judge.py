@@ -4,17 +4,15 @@ Gemini, vLLM, llama.cpp). It sends rubric.py's prompt, parses the reply, retries
 retrying, caches good replies (never a failure), counts dollars, and returns NaN with a reason,
 never a made-up score. judge_url='local' starts local_judge.py's heuristic stand-in.
 
-    python judge.py serve --port=8000          # the local judge on 127.0.0.1
-    python judge.py score --data=data/sample/heldout.jsonl --out=out/scores.jsonl --judge_url=...
+    python judge.py serve --port=8000          # the local judge on 127.0.0.1, then in another shell:
+    python judge.py score --data=data/sample/heldout.jsonl --out=out/scores.jsonl --judge_url=http://127.0.0.1:8000/v1
 """
+import json
 import os
 import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-
-import requests
-import urllib3
 
 import judge_http as http
 import rubric
@@ -24,15 +22,22 @@ from judge_http import DEFAULTS, RANGES, JudgeError, JudgeFatal, judged, stop  #
 
 class Judge:
     """Scores stories concurrently: submit() returns a Future. url is the base (…/v1; a ?key=... kept,
-    shown as ?key=***), or 'local'; key_env names the variable holding the key, sent only as a
-    header; timeout is one deadline per request, body included; extra: body fields passed through."""
+    shown as ?key=***), or 'local'; url_setting names it in errors; key_env names the variable
+    holding the key, sent only as a header; timeout is one deadline per request (connecting, the
+    headers and the body); extra: body fields passed through."""
 
     def __init__(self, url, model, key_env="", workers=16, timeout=300.0, retries=6, reasks=2,
                  extra=None, price_in=0.0, price_out=0.0, cache_dir=None, length_weight=25.0,
-                 backoff=1.0, backoff_max=60.0, max_tokens=8192, max_reply_bytes=1_000_000):
+                 backoff=1.0, backoff_max=60.0, max_tokens=8192, max_reply_bytes=1_000_000,
+                 url_setting="judge_url"):
+        if url != "local" and not http.is_url(url):  # refused now, not after a minute of retries
+            raise ValueError(f"{url_setting}={redact_url(url)!r} is not an http(s) URL "
+                             "such as https://api.openai.com/v1")
         if key_env and not os.environ.get(key_env):
             raise ValueError(f"judge_key_env: the environment variable {key_env} is not set")
-        self.key_env, self.server = key_env, None
+        self.key_env, self.url_setting, self.server = key_env, url_setting, None
+        # replies are cached by the URL as configured: 'local' stays 'local', whatever port it gets
+        self.cache, self.once = http.Cache(cache_dir, url=redact_url(url)), http.Once()
         if url == "local":
             from local_judge import serve_local
             self.server, url = serve_local(port=0)
@@ -44,9 +49,7 @@ class Judge:
         self.max_reply_bytes, self.timeout, self.retries, self.reasks = max_reply_bytes, timeout, retries, reasks
         self.backoff, self.backoff_max = backoff, backoff_max
         self.price_in, self.price_out, self.length_weight = price_in, price_out, length_weight
-        self.cache = http.Cache(cache_dir)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="judge")
-        self._local = threading.local()  # one requests.Session per worker thread
         self._cancel = threading.Event()
 
     def close(self):
@@ -56,7 +59,7 @@ class Judge:
             self.server.server_close()
 
     def cancel(self):
-        """Ctrl-C, SIGTERM: drop queued stories; requests in flight end at their next read or wait."""
+        """Ctrl-C, SIGTERM: drop queued stories; requests in flight end within a second, as do waits."""
         self._cancel.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -65,7 +68,7 @@ class Judge:
 
     def _score_one(self, prompt, target_words, story):
         out = blank()
-        if not story or not story.strip():  # nothing to judge: the minimum reward, and no money spent asking
+        if rubric.is_blank(story):  # nothing to judge: the minimum reward, and no money spent asking
             out.update(rubric.reward({}, "", target_words, self.length_weight))
             out.update(sq=-100.0, reward=rubric.min_reward(self.length_weight), note="empty story")
             return out
@@ -107,55 +110,64 @@ class Judge:
 
     def chat(self, messages, keep=lambda r: r["content"].strip()):
         """One chat completion {content, reasoning, usage, finish_reason, cached}, from the cache or
-        the server; only a reply keep() accepts is cached or taken from it: a failure is asked again."""
+        the server; only a reply keep() accepts is cached or taken from it: a failure is asked again.
+        The same request already in flight is not sent again: its answer is shared, as cached=1
+        (it cost nothing more)."""
         body = dict(self.extra, model=self.model, messages=messages)
+        key = self.cache.key(body)
         good = lambda r: http.is_reply(r) and http.usage_ok(r["usage"]) and keep(r)
-        reply = self.cache.get(body)
-        if good(reply):
-            return dict(reply, cached=1)
-        reply = self._post(body)
-        if good(reply):
-            self.cache.put(body, reply)
-        return dict(reply, cached=0)
 
+        def ask():
+            reply = self.cache.get(key)
+            if good(reply):
+                return dict(reply, cached=1)
+            reply = self._post(body)
+            if good(reply):
+                self.cache.put(key, reply)
+            return dict(reply, cached=0)
+        reply, shared = self.once.run(key, ask)
+        return dict(reply, cached=1) if shared else reply
 
     def _post(self, body):
         """POST with retries: 429, 5xx, timeouts and any fault of the wire, with exponential backoff and
-        jitter (or the server's Retry-After); 400-404 are not retried."""
+        jitter (or the server's Retry-After); 301-303 and 400-404 are not retried."""
         key = os.environ.get(self.key_env) if self.key_env else None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        if not hasattr(self._local, "s"):
-            self._local.s = requests.Session()
+        data = json.dumps(body).encode()
         for attempt in range(self.retries + 1):
-            wait, deadline = None, time.monotonic() + self.timeout
+            wait = None
             try:
                 if self._cancel.is_set():
                     raise JudgeError("cancelled")
-                r = self._local.s.post(self.url, json=body, headers=headers, timeout=self.timeout, stream=True)
-                raw = http.read_body(r, deadline, self.max_reply_bytes, self._cancel)
+                status, head, raw, url = http.post(self.url, data, headers, cancel=self._cancel,
+                                                   deadline=time.monotonic() + self.timeout,
+                                                   max_bytes=self.max_reply_bytes)
             except JudgeError:
                 raise
-            except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
+            except TimeoutError:
                 reason = f"timeout after {self.timeout:g} s"
             except Exception as e:  # refused, reset, cut off mid-body, broken chunking, not gzip, ...
                 reason = f"connection error ({type(e).__name__})"
             else:
                 if raw is None:
                     raise JudgeError(f"reply of over {self.max_reply_bytes} bytes (judge_max_reply_bytes) "
-                                     f"from {redact_url(self.url)}")
-                if r.status_code == 200:
+                                     f"from {redact_url(url)}")
+                if status == 200:
                     reply = http.parse_reply(raw)
                     if reply:
                         return reply
                     reason = "HTTP 200 with a body that is not a chat completion"
-                elif r.status_code == 429 or r.status_code >= 500:
-                    reason, wait = f"HTTP {r.status_code}", http.retry_after(r.headers.get("Retry-After"))
+                elif status == 429 or status >= 500:
+                    reason, wait = f"HTTP {status}", http.retry_after(head.get("Retry-After"))
                     if wait is not None and wait > self.backoff_max:
-                        raise JudgeError(f"HTTP {r.status_code}: Retry-After {wait:g} s is over "
+                        raise JudgeError(f"HTTP {status}: Retry-After {wait:g} s is over "
                                          f"judge_backoff_max={self.backoff_max:g}")
+                elif status in (301, 302, 303):  # re-sent as a GET (RFC 9110 allows it) it would fail
+                    moved = http.moved(status, url, head.get("Location"), self.url_setting)
+                    raise JudgeFatal(http.redact(key, moved))
                 else:  # 400, 401, 403, 404: asking again will not help; a bad key or URL fails every request
-                    text = http.redact(key, f"HTTP {r.status_code} from {self.url}: {raw[:300].decode(errors='replace')}")
-                    raise (JudgeFatal if r.status_code in (401, 403, 404) else JudgeError)(text)
+                    text = http.redact(key, f"HTTP {status} from {url}: {raw[:300].decode(errors='replace')}")
+                    raise (JudgeFatal if status in (401, 403, 404) else JudgeError)(text)
             if attempt == self.retries:
                 break
             d = min(self.backoff_max, self.backoff * 2 ** attempt)  # jitter: workers do not retry in lockstep

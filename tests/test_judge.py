@@ -2,6 +2,7 @@
 import json
 import math
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -27,7 +28,9 @@ class FaultServer:
     Actions: ('status', code, headers), ('sleep', seconds), ('body', raw bytes), ('reply', text),
     ('completion', {content, usage, finish_reason}: the local reply with these fields replaced),
     ('raw', bytes written as they are, status line and headers included, then the connection
-    closes), ('trickle', seconds): the local reply, one byte every so many seconds."""
+    closes), ('trickle', seconds): the local reply, one byte of its body every so many seconds;
+    ('slow_headers', seconds): its status line, then 100 header lines one every so many seconds;
+    ('slow_bytes', seconds): the whole response, status line included, one byte at a time."""
 
     def __init__(self, script=(), latency=0.0, port=0):
         self.script, self.latency = list(script), latency
@@ -69,6 +72,17 @@ class FaultServer:
                     out = {"choices": [{"message": {"role": "assistant", "content": fields["content"]},
                                         "finish_reason": fields["finish_reason"]}], "usage": fields["usage"]}
                     data = json.dumps(out).encode()
+                    if kind in ("slow_headers", "slow_bytes"):
+                        self._leave()
+                        self.close_connection = True
+                        head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-Pad-%d: %d\r\n" % (k, k) for k in range(100))
+                        raw = head + b"Content-Length: %d\r\n\r\n" % len(data) + data
+                        pieces = head.splitlines(keepends=True) + [raw[len(head):]] if kind == "slow_headers" \
+                            else [raw[k:k + 1] for k in range(len(raw))]
+                        for piece in pieces:
+                            self.wfile.write(piece)
+                            time.sleep(action[1])
+                        return
                     if kind != "trickle":
                         return self._send(200, data)
                     self._leave()
@@ -228,10 +242,12 @@ def test_cache_hit_makes_no_http_call_and_costs_nothing(server, tmp_path):
     assert not [p for p in tmp_path.rglob("*.tmp")], "no temporary files left behind"
 
 
-def test_empty_story_gets_min_reward_without_a_call(server):
+@pytest.mark.parametrize("story", ["   ", "\u200b\u200b \ufeff"])  # zero-width spaces and a BOM show nothing
+def test_empty_story_gets_min_reward_without_a_call(server, story):
     s = server()
-    res = score_one(make_judge(s.url, length_weight=25.0), story="   ")
-    assert res["reward"] == -125.0 and res["error"] is None, "empty story: the minimum reward"
+    res = score_one(make_judge(s.url, length_weight=25.0), story=story)
+    assert res["reward"] == -125.0 and res["error"] is None, f"empty story: the minimum reward, got {res}"
+    assert res.get("note") == "empty story", f"said so: {res.get('note')}"
     assert not s.requests, "no judge call for an empty story"
 
 
@@ -272,11 +288,15 @@ def test_local_judge_prefers_real_stories():
         assert orig > shuf + 20 and orig > rep + 10, f"{r['id']}: original {orig:.1f}, shuffled {shuf:.1f}, repeated {rep:.1f}"
 
 
-def test_cli_serve_and_score(tmp_path):
+def test_cli_serve_and_score_as_the_usage_says(tmp_path):
+    """The usage lines that `python judge.py` prints, run as printed: on a free port, writing under tmp_path."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "judge.py", "serve", f"--port={port}"], stdout=subprocess.PIPE, text=True)
+    serve, score = (line.split("#")[0].replace("8000", str(port)).replace("out/", f"{tmp_path}/").split()[1:]
+                    for line in judge.__doc__.splitlines() if line.strip().startswith("python judge.py"))
+    assert serve[:2] == ["judge.py", "serve"] and score[:2] == ["judge.py", "score"], f"the usage: {judge.__doc__}"
+    proc = subprocess.Popen([sys.executable, *serve], stdout=subprocess.PIPE, text=True)
     try:
         lines = [proc.stdout.readline() for _ in range(2)]  # the configurator's override line, then the address
         assert "local judge at" in lines[1], f"serve announces its address: {lines}"
@@ -284,17 +304,28 @@ def test_cli_serve_and_score(tmp_path):
                           json={"model": "x", "messages": [{"role": "user", "content": "Once upon a time."}]}, timeout=10)
         scores, err = rubric.parse_scores(r.json()["choices"][0]["message"]["content"])
         assert err is None, f"a plain chat request gets a parseable rubric reply: {err}"
-        out = tmp_path / "scores.jsonl"
-        p = subprocess.run([sys.executable, "judge.py", "score", "--data=data/sample/heldout.jsonl", f"--out={out}",
-                            f"--judge_url=http://127.0.0.1:{port}/v1", f"--judge_cache={tmp_path}/cache"],
+        p = subprocess.run([sys.executable, *score, f"--judge_cache={tmp_path}/cache"],
                            capture_output=True, text=True, timeout=120)
     finally:
         proc.terminate()
         proc.wait()
     assert p.returncode == 0, p.stderr
-    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    rows = [json.loads(l) for l in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(len(r["scores"]) == 16 and r["error"] is None for r in rows), "one full row per story"
     assert "mean SQ" in p.stdout and "failures 0" in p.stdout, "a summary at the end"
+
+
+def test_a_malformed_url_is_refused_at_once(tmp_path):
+    for url in ["...", "api.openai.com/v1", "ftp://example.com/v1", "http://", "http://host:port/v1", "http://h/v1\n"]:
+        with pytest.raises(ValueError, match=re.escape(f"judge_url={url!r} is not an http(s) URL")):
+            judge.Judge(url, "m")
+    with pytest.raises(ValueError, match="api_url='x' is not an http"):
+        judge.Judge("x", "m", url_setting="api_url")
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, "judge.py", "score", "--judge_url=...", f"--out={tmp_path}/o.jsonl"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "error: judge_url='...' is not an http(s) URL" in p.stderr, p.stderr[-1000:]
+    assert time.monotonic() - t < 10 and not (tmp_path / "o.jsonl").exists(), "refused at once, nothing written"
 
 
 def test_cli_rejects_bad_data_before_work(tmp_path):
@@ -383,6 +414,65 @@ def test_one_deadline_for_the_whole_reply(server):
     assert time.monotonic() - t < 5, "two attempts of 0.5 s each, not the minute the trickle would take"
 
 
+@pytest.mark.parametrize("action", [("slow_headers", 0.4), ("slow_bytes", 0.4)], ids=["headers", "bytes"])
+def test_one_deadline_covers_the_status_line_and_headers(server, action):
+    s = server([action])
+    t = time.monotonic()
+    res = score_one(make_judge(s.url, timeout=2.0, retries=0))
+    took = time.monotonic() - t
+    assert res["error"] and "timeout after 2 s" in res["error"], f"{action} is a timeout: {res['error']}"
+    assert took < 6, f"judge_timeout=2 bounds the headers too: took {took:.1f} s, not the 40 s or hours of {action}"
+
+
+def test_cache_is_per_judge_url_and_identical_requests_are_sent_once(server, tmp_path):
+    low = "\n".join(f"{n}: 1" for n in rubric.NAMES)  # a second judge, of the same model name, that scores low
+    first, second = server(), server([("reply", low)] * 3)
+    rows = [dict(prompt=PROMPT, target_words=300, story=STORY)]
+    scored = []
+    for s in (first, second):
+        j = make_judge(s.url, cache_dir=str(tmp_path))
+        scored.append(judge_http.score(j, rows)[0][0])
+        j.close()
+    assert len(second.requests) == 1 and scored[1]["cached"] == 0, "the second judge asks its own server"
+    assert scored[1]["scores"] == dict.fromkeys(rubric.NAMES, 1.0) != scored[0]["scores"], "its own scores"
+    for k in range(2):  # 'local' is cached as 'local', whatever port its server gets
+        j = judge.Judge("local", "polaris-local", cache_dir=str(tmp_path / "local"))
+        res = score_one(j)
+        assert res["cached"] == k, f"run {k} of the local judge: cached={res['cached']}"
+    # the same story twice at once (a group's two identical samples): one request, one cost
+    s = server(latency=1.0)
+    j = make_judge(s.url, price_in=2.0, price_out=10.0)
+    results, used = judge_http.score(j, rows * 2)
+    j.close()
+    assert len(s.requests) == 1, f"identical requests in flight are sent once, not {len(s.requests)} times"
+    assert results[0]["scores"] == results[1]["scores"] and used["failures"] == 0, "both get the one answer"
+    assert used["cached"] == 1 and used["cost"] == pytest.approx((1000 * 2.0 + 200 * 10.0) / 1e6), \
+        f"the shared answer is counted once: {used}"
+
+
+def test_redirects(server, monkeypatch):
+    s = server([("status", 301, {"Location": "https://new.example/v1/chat/completions?key=SECRET"})])
+    res = score_one(make_judge(s.url))
+    assert res["fatal"] and res["error"].startswith("HTTP 301 to https://new.example/v1/chat/completions?key=***") \
+        and res["error"].endswith(" set judge_url=https://new.example/v1?key=***"), f"the target named, fatal: {res}"
+    s = server([("status", 302, {"Location": "/v2/chat/completions"})])
+    res = score_one(make_judge(s.url))
+    assert res["fatal"] and res["error"].startswith(f"HTTP 302 to {s.url[:-3]}/v2/chat/completions: "), \
+        f"the target resolved against the request's URL: {res}"
+    assert [r["path"] for r in s.requests] == ["/v1/chat/completions"], "never re-sent as a GET"
+    # 307 and 308 are followed with the method and body; the key goes to the same host only
+    monkeypatch.setenv("POLARIS_TEST_KEY", "sk-test")
+    s = server()
+    s.script += [("status", 307, {"Location": "/v2/chat/completions"}),  # localhost: the same server, another host
+                 ("status", 308, {"Location": f"http://localhost:{s.httpd.server_address[1]}/v3/chat/completions"})]
+    res = score_one(make_judge(s.url, key_env="POLARIS_TEST_KEY"))
+    assert res["error"] is None and len(res["scores"]) == 16, f"scored after two redirects: {res['error']}"
+    assert [r["path"] for r in s.requests] == ["/v1/chat/completions", "/v2/chat/completions", "/v3/chat/completions"] \
+        and s.requests[0]["body"] == s.requests[2]["body"], f"POSTed with the body each time: {s.requests}"
+    assert [r["headers"].get("Authorization") for r in s.requests] == ["Bearer sk-test"] * 2 + [None], \
+        "the key is never sent to another host"
+
+
 @pytest.mark.parametrize("script", [
     [("status", 503, {})] * 2,
     [("completion", dict(content=None))],
@@ -433,6 +523,18 @@ def test_cancel_drops_queued_work_and_ends_backoff(server):
     res = futures[0].result(timeout=5)
     assert res["error"] == "cancelled" and time.monotonic() - t < 2, f"the 30 s backoff wait ends at once: {res}"
     assert all(f.cancelled() for f in futures[1:]) and len(s.requests) == 1, "queued stories are never sent"
+
+
+def test_cancel_ends_a_request_in_flight(server):
+    s = server([("sleep", 10)])  # a server silent for 10 s, under a 30 s deadline
+    j = make_judge(s.url, timeout=30.0, retries=0)
+    future = j.submit(PROMPT, 300, STORY)
+    while not s.requests:
+        time.sleep(0.01)
+    t = time.monotonic()
+    j.cancel()
+    res = future.result(timeout=5)
+    assert res["error"] == "cancelled" and time.monotonic() - t < 2.5, f"ended within a second or so: {res['error']}"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
