@@ -36,7 +36,7 @@ def _fail(msg):
     sys.exit(f"config error: {redact_url(msg)}")
 
 
-_QUERY = re.compile(r"((?:[a-z][a-z0-9+.-]*://|/)[^\s?#'\"<>]*\?)([^\s#'\"<>]*)", re.I)
+_QUERY = re.compile(r"((?:[a-z][a-z0-9+.-]*://|/)[^\s?#'\"<>]*\?)([^\s#'\"<>]*?)(?=[.,;:)]*(?:[\s#'\"<>]|$))", re.I)
 
 
 def redact_url(text):

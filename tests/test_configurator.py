@@ -88,6 +88,8 @@ def test_keys_in_urls_are_never_printed(capsys):
     assert redact_url("url: /v1/chat/completions?key=SECRET (Caused by") == "url: /v1/chat/completions?key=*** (Caused by", \
         "a path with a query, as urllib3 names it in its errors"
     assert redact_url("why? because. http://h/v1") == "why? because. http://h/v1", "text and URLs without a query stay"
+    assert redact_url("HTTP 301 to https://h/v1?key=SECRET: set judge_url") == "HTTP 301 to https://h/v1?key=***: set judge_url", \
+        "the punctuation after a URL stays"
 
 
 def test_help_lists_every_setting_with_its_default_config_value_and_comment():
