@@ -20,7 +20,8 @@ and the pages that show the stories.
     python eval.py --task=rollouts --run=out/tiny [--port=8801]
 
 Every output is JSONL written a row at a time and resumable: rows already there are skipped,
-and an interrupted run's half-written last line is dropped, never the rest of the file.
+and an interrupted run's half-written last line is dropped, never the rest of the file. An input
+is only read: a last line still being written is skipped with a warning, never removed.
 
 The statistics are plain functions and each task a small function above the `__main__` guard,
 so that tests can import them; the guard is the one difference from train.py's top-to-bottom style.
@@ -28,7 +29,6 @@ so that tests can import them; the guard is the one difference from train.py's t
 import datetime
 import glob
 import hashlib
-import json
 import math
 import os
 import re
@@ -154,6 +154,43 @@ def components(models, battles):
     for m in models:
         parts.setdefault(find(m), []).append(m)
     return sorted(sorted(p) for p in parts.values())
+
+
+def strong_parts(models, battles):
+    """The strongly connected parts of the win graph (an edge from winner to loser, a tie both
+    ways; Kosaraju's two depth-first searches), in an order where each part won every comparison
+    it had with the parts after it. Maximum-likelihood ratings exist only when there is one part:
+    otherwise the data give the parts' order, never how far apart they are (Zermelo 1929)."""
+    beat = {m: set() for m in models}  # beat[x]: the models x won against or tied with at least once
+    for a, b, s in battles:
+        if s > 0:
+            beat[a].add(b)
+        if s < 1:
+            beat[b].add(a)
+    finished, seen = [], set()
+
+    def visit(m):  # the first search: models in the order their searches finish
+        seen.add(m)
+        for x in sorted(beat[m]):
+            if x not in seen:
+                visit(x)
+        finished.append(m)
+    for m in models:
+        if m not in seen:
+            visit(m)
+    parts, placed = [], set()
+
+    def gather(m, part):  # the second, against the edges: what reaches m is in m's part
+        placed.add(m)
+        part.append(m)
+        for x in models:
+            if m in beat[x] and x not in placed:
+                gather(x, part)
+    for m in reversed(finished):  # the last to finish is in a part that nothing outside it beat
+        if m not in placed:
+            parts.append([])
+            gather(m, parts[-1])
+    return [sorted(p) for p in parts]
 
 
 def bradley_terry(battles, models, anchor=None, ridge=1e-6):
@@ -307,10 +344,9 @@ def scores_path(gens):
     return gens[: -len(".jsonl")] + ".scores.jsonl" if gens.endswith(".jsonl") else gens + ".scores.jsonl"
 
 
-def shared_ids(files, allow_intersection):
-    """The prompt ids every generation file covers; any gap is an error naming the missing ids
-    unless allow_intersection, which compares on the intersection and says how many."""
-    ids = {f: {r["id"] for r in jsonl.read(f)} for f in files}
+def shared_ids(ids, allow_intersection):
+    """The prompt ids every generation file covers, from {file: its ids}; any gap is an error naming
+    the missing ids unless allow_intersection, which compares on the intersection and says how many."""
     common = set.intersection(*ids.values())
     union = set.union(*ids.values())
     if common != union:
@@ -340,23 +376,63 @@ def read_study(path):
     return items
 
 
+def study_tag(path):
+    """What ties an annotations folder to its study: a hash of the study file's content, so that
+    two studies both named study.jsonl are never merged."""
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.sha256(f.read()).hexdigest()
+
+
+def annotation_problem(r):
+    """Why a row of an annotations file is not one that --task=annotate wrote, or None."""
+    if not (isinstance(r, dict) and isinstance(r.get("item"), int) and "id" in r
+            and r.get("choice") in ("A", "B", "tie")
+            and all(isinstance(r.get(k), str) and r[k] for k in ("study", "model_a", "model_b"))):
+        return ("not an annotation (item, id, study, model_a, model_b and a choice A, B or tie, as --task=annotate "
+                "writes them): remove or correct this line")
+    return None
+
+
+def annotation_plan(items, tag, annotator):
+    """(the items in the order this annotator sees them, the items whose second story is shown as A).
+    Each annotator has an order of their own. Sides are balanced within each requested-length
+    bucket; the odd item of an odd bucket shows the second model as A by the parity of a hash of
+    (study, annotator, bucket), so that the extra A cancels across annotators. Both follow from the
+    study's content and the name alone: a restarted page shows the same."""
+    seed = lambda *key: int.from_bytes(hashlib.sha256(":".join(map(str, key)).encode()).digest()[:8], "big")
+    rng = np.random.default_rng(seed(tag, annotator))
+    order = [items[k] for k in rng.permutation(len(items))]
+    flipped = set()
+    for b in sorted({str(it.get("bucket")) for it in items}):
+        its = [it["item"] for it in items if str(it.get("bucket")) == b]
+        k = len(its) // 2 + len(its) % 2 * (seed(tag, annotator, b) % 2)
+        flipped |= {its[j] for j in rng.permutation(len(its))[:k]}
+    return order, flipped
+
+
 def read_annotations(folder):
     """Every annotator's choices in folder, one NAME.jsonl each, checked: [(annotator, prompt
-    id, model shown as A, model shown as B, 'A' | 'B' | 'tie')]. Read only: a page may be writing."""
+    id, model shown as A, model shown as B, 'A' | 'B' | 'tie')]. Read only: a page may be writing.
+    All must be of one study: rows name it by its content hash, or (written before the hash) by
+    the name of the study file beside the folder, which is then hashed."""
     files = sorted(glob.glob(os.path.join(folder, "*.jsonl")))
     if not files:
         raise ValueError(f"{folder}: no annotation files (NAME.jsonl, written by --task=annotate)")
-    votes, studies = [], {}
+    votes, studies, tags = [], {}, {}
     for f in files:
         for line, r in jsonl.read(f, numbered=True):
-            if not (isinstance(r, dict) and "id" in r and r.get("choice") in ("A", "B", "tie")
-                    and all(isinstance(r.get(k), str) and r[k] for k in ("model_a", "model_b"))):
-                raise ValueError(f"{f}:{line}: an annotation needs id, model_a, model_b and a choice A, B or tie")
-            studies.setdefault(r.get("study"), f)
+            problem = annotation_problem(r)
+            if problem:
+                raise ValueError(f"{f}:{line}: {problem}")
+            if r["study"] not in tags:
+                beside = os.path.join(os.path.dirname(os.path.abspath(folder)), r["study"])
+                old = not r["study"].startswith("sha256:") and os.path.basename(r["study"]) == r["study"]
+                tags[r["study"]] = study_tag(beside) if old and os.path.isfile(beside) else r["study"]
+            studies.setdefault(tags[r["study"]], f)
             votes.append((os.path.basename(f)[: -len(".jsonl")], r["id"], r["model_a"], r["model_b"], r["choice"]))
     if len(studies) > 1:  # the same prompt id in two studies would merge two items
-        raise ValueError(f"{folder} holds the choices of several studies ({', '.join(f'{s} in {f}' for s, f in studies.items())}): "
-                         "give each study its own folder")
+        named = ", ".join(f"{s[:19]} in {f}" for s, f in studies.items())
+        raise ValueError(f"{folder} holds the choices of several studies ({named}): give each study its own folder")
     return votes
 # -----------------------------------------------------------------------------
 # tables: each a (head, rows) pair, printed as markdown and shown as HTML
@@ -426,6 +502,8 @@ def battles_by_prompt(pairs):
 
 
 def elo_table(pairs, anchor=None, n_boot=200, seed=0):
+    """{model: dict(rating, ci, n, points, rank, unbounded)}, best first. Ratings exist only when the
+    win graph is strongly connected; otherwise every rating and ci is None and rank orders the groups."""
     by_prompt = battles_by_prompt(pairs)
     battles = [b for bs in by_prompt.values() for b in bs]
     if not battles:
@@ -437,6 +515,13 @@ def elo_table(pairs, anchor=None, n_boot=200, seed=0):
                          + " | ".join(", ".join(p) for p in parts))
     if anchor and anchor[0] not in models:
         raise ValueError(f"--anchor: no model named {anchor[0]!r} among {', '.join(models)}")
+    n = {m: sum(m in (a, b) for a, b, _ in battles) for m in models}
+    points = {m: sum(s if m == a else 1 - s for a, b, s in battles if m in (a, b)) for m in models}
+    parts = strong_parts(models, battles)
+    if len(parts) > 1:  # no finite rating for anyone: the ridge alone would set the gaps, so no number is given
+        ranks = {m: 1 + sum(len(p) for p in parts[:k]) for k, part in enumerate(parts) for m in part}
+        return {m: dict(rating=None, ci=None, n=n[m], points=points[m], rank=ranks[m], unbounded=True)
+                for part in parts for m in part}
     ratings = bradley_terry(battles, models, anchor)
     groups = list(by_prompt.values())
     rng = np.random.default_rng(seed)
@@ -446,26 +531,31 @@ def elo_table(pairs, anchor=None, n_boot=200, seed=0):
         present = sorted({m for a, b, _ in sample for m in (a, b)})
         if present == models and len(components(models, sample)) == 1 and (not anchor or anchor[0] in present):
             boot.append(bradley_terry(sample, models, anchor))
-    n = {m: sum(m in (a, b) for a, b, _ in battles) for m in models}
-    points = {m: sum(s if m == a else 1 - s for a, b, s in battles if m in (a, b)) for m in models}
-    # a model that won (or lost) every comparison has no finite maximum-likelihood rating: the
-    # ridge alone then sets its distance, so the number is flagged rather than trusted
     return {m: dict(rating=ratings[m], ci=[float(np.percentile([r[m] for r in boot], q)) for q in (2.5, 97.5)],
-                    n=n[m], points=points[m], unbounded=points[m] in (0, n[m])) for m in sorted(models, key=lambda m: -ratings[m])}
+                    n=n[m], points=points[m], rank=k, unbounded=False)
+            for k, m in enumerate(sorted(models, key=lambda m: -ratings[m]), 1)}
 
 
-ELO_NOTE = ("A model that won every one of its comparisons, or lost every one, has no finite Bradley-Terry rating: "
-            "the data say which side of the others it lies on, not how far. It is shown without a number; "
-            "compare it with stronger or weaker peers to rate it.")
+def elo_note(table):
+    """One plain sentence where the ratings do not exist, else ''."""
+    if not any(r["unbounded"] for r in table.values()):
+        return ""
+    groups = {}
+    for m, r in table.items():
+        groups.setdefault(r["rank"], []).append(m)
+    order = " > ".join(", ".join(ms) for _, ms in sorted(groups.items()))
+    return (f"No Bradley-Terry rating exists: in the order {order}, each won every comparison it had with those "
+            "after it (a tie counts for both sides), so the data give the order, not the distances.")
 
 
 def elo_rows(table):
     rows = []
-    for k, (m, r) in enumerate(table.items(), 1):
+    for m, r in table.items():
         if r["unbounded"]:
-            rows.append([k, m, f"not bounded: {'won' if r['points'] else 'lost'} all {r['n']} comparisons", "-", r["n"]])
+            swept = {r["n"]: ": won all", 0: ": lost all"}.get(r["points"])
+            rows.append([r["rank"], m, f"not bounded{swept} {r['n']} comparisons" if swept else "not bounded", "-", r["n"]])
         else:
-            rows.append([k, m, f"{r['rating']:.0f}", f"[{r['ci'][0]:.0f}, {r['ci'][1]:.0f}]", r["n"]])
+            rows.append([r["rank"], m, f"{r['rating']:.0f}", f"[{r['ci'][0]:.0f}, {r['ci'][1]:.0f}]", r["n"]])
     return ["rank", "model", "Elo", "95% CI", "comparisons"], rows
 
 
@@ -501,8 +591,8 @@ def judge_verdicts(pairs):
 def human_rows(study):
     pct = lambda x: f"{100 * x:.1f}%" if math.isfinite(x) else "-"
     interval = lambda ci: f"[{pct(ci[0])}, {pct(ci[1])}]"
-    pref = (["model", "vs", "preferred (ties half)", "95% CI, bootstrap over items", "Wilson 95%", "items", "annotators",
-             "W / T / L (items)"],
+    pref = (["model", "vs", "preferred (ties half)", "95% CI, bootstrap over items", "Wilson 95%, conservative",
+             "items", "annotators", "W / T / L (items)"],
             [[s["x"], s["y"], pct(s["rate"]), interval(s["ci"]), interval(s["wilson"]), s["items"], len(s["annotators"]),
               f"{s['wins']} / {s['ties']} / {s['losses']}"] for s in study])
     between = (["models", "annotators", "items", "agreement with ties", "without ties (items)", "Cohen's kappa"],
@@ -541,6 +631,16 @@ def generate():
     print(f"{len(rows) - len(todo)} of {len(rows)} prompts already in {out}; generating {len(todo)} with {label}")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     from tqdm import tqdm
+
+    def split_reply(reply):  # an API reply -> (thinking, story, finish reason)
+        content = reply["content"]
+        if reply["reasoning"]:  # the server split the thinking out (reasoning_content)
+            return reply["reasoning"].strip(), content.strip(), reply["finish_reason"]
+        # a server without a reasoning parser returns the raw text
+        thinking, story, _ = rollout.split_thinking(
+            content, "</think>" in content or content.lstrip().startswith("<think>"), False)
+        return thinking, story, reply["finish_reason"]
+
     if api_url:  # an API model or a served checkpoint (vLLM, transformers serve), over HTTP
         # what a server needs to sample as the card says: the OpenAI sampling fields, and
         # thinking on or off for its chat template. top_k and repetition_penalty are not
@@ -555,8 +655,9 @@ def generate():
                                  timeout=c["judge_timeout"], retries=c["judge_retries"], max_tokens=0,
                                  max_reply_bytes=c["judge_max_reply_bytes"], cache_dir=gen_cache or None,
                                  extra={k: v for k, v in fields.items() if v is not None}, url_setting="api_url")
-        # an empty reply is not cached (chat's default), so that a later run asks again
-        futures = [client.pool.submit(client.chat, [dict(role="user", content=r["prompt"])]) for r in todo]
+        # a reply without a story is not cached, so that a later run asks again
+        futures = [client.pool.submit(client.chat, [dict(role="user", content=r["prompt"])],
+                                      keep=lambda reply: not rubric.is_blank(split_reply(reply)[1])) for r in todo]
     else:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -569,16 +670,9 @@ def generate():
 
     def from_api(k):  # -> (thinking, story, finish reason), story None when the request failed
         try:
-            reply = futures[k].result()
+            return split_reply(futures[k].result())
         except judge_lib.JudgeError as e:
             return "", None, str(e)
-        content = reply["content"]
-        if reply["reasoning"]:  # the server split the thinking out (reasoning_content)
-            return reply["reasoning"].strip(), content.strip(), reply["finish_reason"]
-        # a server without a reasoning parser returns the raw text
-        thinking, story, _ = rollout.split_thinking(
-            content, "</think>" in content or content.lstrip().startswith("<think>"), False)
-        return thinking, story, reply["finish_reason"]
 
     missed = []  # prompts left for a later run: failed requests, and generations without a story
     for i in tqdm(range(0, len(todo), batch_size), desc=f"generating, {batch_size} prompts at a time"):
@@ -593,14 +687,14 @@ def generate():
                 presence_penalty=presence_penalty, enable_thinking=enable_thinking)
             results = [(s.thinking, s.text, "length" if s.truncated else "stop") for [s] in samples]
         for r, (thinking, story, finish) in zip(batch, results):
-            if not story:  # never written as if it were a finished story
+            if story is None or rubric.is_blank(story):  # never written as if it were a finished story
                 missed.append(f"{r['id']} ({finish})" if story is None else
                               f"{r['id']} (no story: {finish}, {rubric.count_words(thinking)} words of thinking)")
                 continue
             jsonl.append(out, [dict(id=r["id"], prompt=r["prompt"], target_words=r["target_words"],
                                     category=r.get("category", ""), model=label, story=story,
                                     words=rubric.count_words(story), thinking_words=rubric.count_words(thinking),
-                                    finish_reason=finish)])
+                                    finish_reason=finish)], sync=True)
     if api_url:
         client.close()
     if missed:
@@ -623,8 +717,8 @@ def score():
         todo = [r for r in rows if r["id"] not in done]
         print(f"{f}: scoring {len(todo)} of {len(rows)} ({len(done)} already in {scores_path(f)})")
         results, used = judge_http.score(client, todo, progress=True)
-        for r, res in zip(todo, results):
-            jsonl.append(scores_path(f), [dict(id=r["id"], target_words=r["target_words"], model=label, **res)])
+        jsonl.append(scores_path(f), [dict(id=r["id"], target_words=r["target_words"], model=label, **res)
+                                      for r, res in zip(todo, results)], sync=True)
         print(f"  judge: {used['failures']} failures, {used['tokens_in'] + used['tokens_out']} tokens, ${used['cost']:.4f}"
               + (f" (+ the unknown cost of {used['unpriced']} replies without token counts)" if used["unpriced"] else ""))
     client.close()
@@ -637,7 +731,7 @@ def pairwise():
     if len(gen_files) < 2:
         fail("--task=pairwise needs --gens with two or more files")
     gens_by_file = read_gens(gen_files)
-    ids = shared_ids(gen_files, allow_intersection)
+    ids = shared_ids({f: {r["id"] for r in rows} for f, (_, rows) in gens_by_file.items()}, allow_intersection)
     by_file = {f: {r["id"]: r for r in rows} for f, (_, rows) in gens_by_file.items()}
     label = {f: name for f, (name, _) in gens_by_file.items()}
     client = judge_lib.judge_from_config(c, cache_dir=c["judge_cache"] or None)
@@ -657,8 +751,9 @@ def pairwise():
     for i, ma, mb, f1, f2 in tqdm(jobs, desc="pairwise"):
         r1, r2 = f1.result(), f2.result()
         overall = lambda r: r["parsed"]["Overall"] if r["parsed"] else None
-        jsonl.append(pairs, [dict(id=i, model_a=ma, model_b=mb, winner=dual_verdict(overall(r1), overall(r2)),
-                                  first=r1["parsed"], second=r2["parsed"], error=r1["error"] or r2["error"])])
+        row = dict(id=i, model_a=ma, model_b=mb, winner=dual_verdict(overall(r1), overall(r2)), first=r1["parsed"],
+                   second=r2["parsed"], error=r1["error"] or r2["error"])
+        jsonl.append(pairs, [row], sync=True)
     client.close()
     print(md_table(*win_rows(win_table(read_pairs(pairs), n_boot))))
 
@@ -666,13 +761,9 @@ def pairwise():
 def elo():
     """Bradley-Terry ratings of the pairs file, printed and written to --out as JSON."""
     table = elo_table(read_pairs(pairs), anchor_rating(), min(n_boot, 200))
-    print(md_table(*elo_rows(table)))
-    if any(r["unbounded"] for r in table.values()):
-        print("\n" + ELO_NOTE)
+    print(md_table(*elo_rows(table)) + ("\n\n" + elo_note(table) if elo_note(table) else ""))
     if out:
-        with open(out + ".tmp", "w") as f:
-            json.dump(table, f, indent=1)
-        os.replace(out + ".tmp", out)
+        jsonl.write_json(out, table)
 
 
 def anchor_rating():
@@ -696,8 +787,16 @@ def draw_study():
     for i in shared:
         if (a[i]["prompt"], a[i]["target_words"]) != (b[i]["prompt"], b[i]["target_words"]):
             fail(f"prompt id {i!r} has another prompt in {gen_files[0]} than in {gen_files[1]}")
+    same = [i for i in shared if a[i]["story"].split() == b[i]["story"].split()]
+    if same:  # a choice between two identical stories measures nothing
+        if len(same) == len(shared):
+            fail(f"{gen_files[0]} and {gen_files[1]} hold the same story for each of the {len(shared)} prompts "
+                 "they share: give the generations of two different models")
+        print(f"warning: {len(same)} of the {len(shared)} prompts both files cover have the same story in both, "
+              f"left out of the draw: {', '.join(map(str, same[:10]))}{' ...' if len(same) > 10 else ''}", file=sys.stderr)
+        shared = [i for i in shared if i not in same]
     if not 0 < n <= len(shared):
-        fail(f"--n={n}: the two files share {len(shared)} prompts")
+        fail(f"--n={n}: the two files share {len(shared)} prompts" + (" with two different stories" if same else ""))
     by_bucket = {b_: [i for i in shared if bucket(a[i]["target_words"]) == b_] for b_, _ in BUCKETS}
     want = dict.fromkeys(by_bucket, 0)
     while sum(want.values()) < n:  # one more to each bucket that has one left, in turn
@@ -712,8 +811,8 @@ def draw_study():
                            stories=[dict(model=name_a, story=a[i]["story"]), dict(model=name_b, story=b[i]["story"])])
                       for k, i in enumerate(chosen, 1)])
     print(f"{out}: {n} items (" + ", ".join(f"{k} {b_}" for b_, k in want.items() if k) + f") of the {len(shared)} "
-          f"prompts both files cover, seed {seed}\nnext, for each annotator: python eval.py --task=annotate "
-          f"--study={out} --annotator=NAME")
+          f"prompts both files cover{' with two different stories' if same else ''}, seed {seed}\n"
+          f"next, for each annotator: python eval.py --task=annotate --study={out} --annotator=NAME")
 
 
 def annotate():
@@ -722,30 +821,37 @@ def annotate():
     if not re.fullmatch(r"[A-Za-z0-9_-]+", annotator):
         fail(f"--annotator={annotator!r}: letters, digits, '-' and '_' only (it names the annotator's file)")
     items = read_study(study)
-    study_name = os.path.basename(study)
+    tag, study_name = study_tag(study), os.path.basename(study)
     path = os.path.join(os.path.dirname(os.path.abspath(study)), "annotations", f"{annotator}.jsonl")
     preflight.take_lock(path[: -len(".jsonl")] + ".lock", 120.0)  # one page per annotator's file
-    rows = jsonl.read(path, must_exist=False, repair=True)
-    other = next((r.get("study") for r in rows if r.get("study") != study_name), None)
-    if other or any(r.get("item") not in {it["item"] for it in items} for r in rows):
-        fail(f"{path} holds choices for another study ({other!r}, not {study_name!r}): give each study its own folder")
+    rows = jsonl.read(path, numbered=True, must_exist=False, repair=True)
+    for line, r in rows:  # rows written before the hash name the study file instead
+        problem = annotation_problem(r)
+        if not problem and (r["study"] not in (tag, study_name) or r["item"] not in {it["item"] for it in items}):
+            problem = (f"a choice for another study ({r['study'][:19]}, item {r['item']}; {study} is {tag[:19]}): "
+                       "give each study its own folder")
+        if problem:
+            fail(f"{path}:{line}: {problem}")
+    rows = [r for _, r in rows]
     lock, shown, undone = threading.Lock(), {}, {}  # when each item was first shown; choices taken back
-    # which story is A: random per annotator and item from the study's seed, each model A on half the items
-    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(f"{items[0]['seed']}:{annotator}".encode()).digest()[:8]))
-    flipped = {it["item"] for it, k in zip(items, rng.permutation(len(items))) if k < len(items) // 2}
+    order, flipped = annotation_plan(items, tag, annotator)
     ab = lambda item: item["stories"][::-1] if item["item"] in flipped else item["stories"]
 
     def app(method, route, params):
         with lock:  # one choice at a time: a second tab or a double press finds its item chosen
             chosen = {r["item"] for r in rows}
-            todo = [it for it in items if it["item"] not in chosen]
+            todo = [it for it in order if it["item"] not in chosen]
             last = rows[-1]["item"] if rows else None
             if method == "POST" and route == "/choose":
+                reason = params.get("reason", "").strip()
+                if todo and params.get("item") == str(todo[0]["item"]) and len(reason) > pages.REASON_CHARS:
+                    return 400, item_page(todo, note=f"Your choice was not saved: its reason is {len(reason):,} "
+                                          f"characters, over the {pages.REASON_CHARS:,} allowed. Shorten it and "
+                                          "choose again.", reason=reason), {}
                 if todo and params.get("item") == str(todo[0]["item"]) and params.get("choice") in ("A", "B", "tie"):
                     a, b = ab(todo[0])
-                    row = dict(item=todo[0]["item"], id=todo[0]["id"], study=study_name, annotator=annotator,
-                               model_a=a["model"], model_b=b["model"], choice=params["choice"],
-                               reason=params.get("reason", "").strip(),
+                    row = dict(item=todo[0]["item"], id=todo[0]["id"], study=tag, annotator=annotator,
+                               model_a=a["model"], model_b=b["model"], choice=params["choice"], reason=reason,
                                seconds=round(time.time() - shown.get(todo[0]["item"], time.time()), 1),
                                time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
                     jsonl.append(path, [row], sync=True)
@@ -764,14 +870,17 @@ def annotate():
                 return 404, pages.page("Not found", "<h1>Not found</h1>"), {}
             if not todo:
                 return 200, pages.annotation_done(annotator, len(items), last), {}
-            shown.setdefault(todo[0]["item"], time.time())
-            a, b = ab(todo[0])
             was = undone.get(todo[0]["item"])
             note = (f"Your choice for item {params['refused']} was not recorded: that item has a choice already (from "
                     "another tab?), or is not the one shown now." if params.get("refused") else
                     f"You took back your choice ({was['choice']}) for this item." if was else "")
-            return 200, pages.annotation_page(annotator, todo[0], a["story"], b["story"], len(items) - len(todo),
-                                              len(items), last, note=note, reason=was["reason"] if was else ""), {}
+            return 200, item_page(todo, note=note, reason=was["reason"] if was else ""), {}
+
+    def item_page(todo, note, reason):  # the first item without a choice
+        shown.setdefault(todo[0]["item"], time.time())
+        a, b = ab(todo[0])
+        return pages.annotation_page(annotator, todo[0], a["story"], b["story"], len(items) - len(todo), len(items),
+                                     rows[-1]["item"] if rows else None, note=note, reason=reason)
     print(f"{study}: {len(items)} items, {len(rows)} with a choice by {annotator} in {path}")
     pages.serve(app, host, port, f"the annotation page for {annotator}", script=pages.ANNOTATE_JS)
 
@@ -807,14 +916,15 @@ def report():
     if all_pairs:
         table = elo_table(all_pairs, anchor_rating(), min(n_boot, 200))
         add("Pairwise Elo (Bradley-Terry, dual position)", elo_rows(table),
-            "95% CI by bootstrap over prompts." + (" " + ELO_NOTE if any(r["unbounded"] for r in table.values()) else ""))
+            elo_note(table) or "95% CI by bootstrap over prompts.")
         add("Win rates (LLM judge, dual position: agreement wins, disagreement ties)", win_rows(win_table(all_pairs, n_boot)))
     if votes:
         order = [m for m, _ in gens_by_file.values()] or [m for v in votes for m in v[2:4]]
         pref, between, judged = human_rows(human_study(votes, order, judge_verdicts(all_pairs), n_boot))
         add("Human study: which story people preferred", pref, "An item is one prompt and its two stories; its score is "
-            "the mean of its annotators' votes (a tie, or two annotators who disagree, count half), and the intervals "
-            "resample items.")
+            "the mean of its annotators' votes (a tie, or two annotators who disagree, count half). The bootstrap "
+            "resamples items; Wilson's interval counts each item as one vote, which is conservative (wider than 95%) "
+            "when items carry several annotators.")
         if between[1]:
             add("Human study: agreement between annotators", between, "Share of items two annotators judged alike, with "
                 "ties and without (items where either said tie left out); Cohen's kappa over the three outcomes.")
@@ -825,11 +935,8 @@ def report():
         fail("--task=report needs --gens, --pairs or --annotations with something in them")
     if gen_files:
         sections.append(("Stories", "".join(stories_html(f, label, rows) for f, (label, rows) in gens_by_file.items())))
-    os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
-    for path, text in ((md_path, "\n".join(md)), (html_path, pages.report_page("POLARIS evaluation", sections))):
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+    jsonl.write_text(md_path, "\n".join(md))
+    jsonl.write_text(html_path, pages.report_page("POLARIS evaluation", sections))
     print("\n".join(md) + f"\nwrote {md_path} and {html_path}")
 
 

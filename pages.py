@@ -156,6 +156,8 @@ def chart(title, series, y_label="", x_labels=None, x_label="", mark=None, w=560
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_BODY = 64 * 1024  # bytes of a POST: the forms send an item, a choice and a reason of REASON_CHARS at most
+REASON_CHARS = 2000  # the reason's length: the textarea's maxlength, and refused by the server beyond it
 
 
 def serve(app, host, port, what, script=""):
@@ -163,7 +165,8 @@ def serve(app, host, port, what, script=""):
     SIGTERM; print the address. `script` is the one script its pages may run. On the loopback anyone
     on this machine may open it (and only by a loopback name); bound to any other address, every
     request needs the access token printed here (asked for by a form, then kept in a cookie), and
-    nothing else is served without it."""
+    nothing else is served without it. Headers are checked before a body is read: the token, then
+    a POST's Content-Length (400 when missing or not a number, 413 over MAX_BODY)."""
     token = None if host in LOOPBACK else secrets.token_urlsafe(18)
 
     class Handler(BaseHTTPRequestHandler):
@@ -178,13 +181,7 @@ def serve(app, host, port, what, script=""):
             params = dict(urllib.parse.parse_qsl(url.query))
             if not token and urllib.parse.urlsplit("//" + self.headers.get("Host", "")).hostname not in LOOPBACK:
                 return self.send(403, page("Refused", "<h1>This page answers only to 127.0.0.1.</h1>"))  # DNS rebinding
-            if method == "POST":
-                size = int(self.headers.get("Content-Length") or 0)
-                params.update(urllib.parse.parse_qsl(self.rfile.read(min(size, 1_000_000)).decode("utf-8", "replace")))
-                origin = self.headers.get("Origin")
-                if origin and urllib.parse.urlsplit(origin).netloc != self.headers.get("Host"):
-                    return self.send(403, page("Refused", "<h1>A form from another site was refused.</h1>"))
-            if token:
+            if token:  # from the address or the cookie, never a body: nothing is read from a stranger
                 jar = http.cookies.SimpleCookie(self.headers.get("Cookie", ""))
                 given = params.pop("token", None)
                 same = lambda s: hmac.compare_digest(s.encode(), token.encode())  # constant time, any text
@@ -195,6 +192,16 @@ def serve(app, host, port, what, script=""):
                     return self.send(401, page("Access token", "<h1>Access token</h1><p>This page needs the access "
                                                "token that its command printed when it started.</p><form method=get>"
                                                "<input name=token size=30 autofocus> <button>Open</button></form>"))
+            if method == "POST":
+                origin = self.headers.get("Origin")
+                if origin and urllib.parse.urlsplit(origin).netloc != self.headers.get("Host"):
+                    return self.send(403, page("Refused", "<h1>A form from another site was refused.</h1>"))
+                size = self.headers.get("Content-Length", "").strip()
+                if not (size.isascii() and size.isdigit()):  # missing, negative or not a number: read(-1) never ends
+                    return self.send(400, page("Refused", "<h1>A form needs a Content-Length.</h1>"))
+                if int(size) > MAX_BODY:
+                    return self.send(413, page("Refused", f"<h1>A form of over {MAX_BODY:,} bytes was refused.</h1>"))
+                params.update(urllib.parse.parse_qsl(self.rfile.read(int(size)).decode("utf-8", "replace")))
             try:
                 status, body, headers = app(method, url.path, params)
             except Exception as e:  # noqa: BLE001 -- one bad request must not end the server
@@ -269,7 +276,8 @@ def annotation_page(name, item, a, b, done, total, last, note="", reason=""):
             "<div class=bar><button class=pick name=choice value=A data-key=a>A is better <kbd>a</kbd></button>"
             "<button class=pick name=choice value=tie data-key=t>Tie <kbd>t</kbd></button>"
             "<button class=pick name=choice value=B data-key=b>B is better <kbd>b</kbd></button>"
-            f"<textarea name=reason maxlength=2000 placeholder='Why? (optional)'>{esc(reason)}</textarea></div></form>")
+            f"<textarea name=reason maxlength={REASON_CHARS} placeholder='Why? (optional)'>{esc(reason)}</textarea>"
+            "</div></form>")
     return page(f"Story study {done + 1} / {total}", body, ANNOTATE_JS)
 
 
@@ -298,7 +306,8 @@ def scores_table(scores):
     sign = {n: s for n, s, _ in rubric.DIMENSIONS}
     return "<table class=scores><tr><th>0-10</th><th></th></tr>" + "".join(
         f"<tr><td>{esc(k)}{' <span class=muted>(against)</span>' if sign.get(k, 1) < 0 else ''}</td>"
-        f"<td class=n>{'N/A' if v is None else esc(f'{v:g}')}</td></tr>" for k, v in scores.items()) + "</table>"
+        f"<td class=n>{esc(f'{v:g}') if isinstance(v, (int, float)) else 'N/A'}</td></tr>"
+        for k, v in scores.items()) + "</table>"
 
 
 def reply_details(reply):
@@ -315,15 +324,29 @@ def story_details(summary, prompt, story, scores=None, reply=None):
 # the run viewer: a training run's charts and stories, read from its out_dir as it grows
 
 
+STORY_CHARS = 1_000_000  # of a story the viewer shows (the longest real ones are ~100,000); past it, how much more
+LINE_BYTES = 16 * 1024 * 1024  # a line over this is never parsed: named as too large, by file:line
+CHUNK = 1024 * 1024  # a line is read this much at a time, so that one of any size costs bounded memory
+
+
+def _problem(e):
+    return "not UTF-8" if isinstance(e, UnicodeDecodeError) else "not JSON"
+
+
 class LineIndex:
     """Where each line of a JSONL file starts, by a key read off the line's head ("step" or "id"),
     so that a step of a 150 MB rollouts.jsonl is read when asked, never the whole file into
-    memory. Lines are indexed as they are completed, so a run that is still writing is followed; a
-    file that shrank (rewritten on resume) is indexed again from its start."""
+    memory. Lines are read a chunk at a time: a line of any size costs one pass and bounded
+    memory, and one over max_line bytes is never parsed. Lines are indexed as they are completed,
+    so a run that is still writing is followed; a file that shrank (rewritten on resume) is indexed
+    again from its start. A line that is not a row (not UTF-8, not JSON, null, too large, a key
+    not of `types`, or a row that valid() refuses) is left out and kept in `broken`: {line: why}."""
 
-    def __init__(self, path, key):
-        self.path, self.head = path, re.compile(rb'^\{"' + key.encode() + rb'": ("(?:[^"\\]|\\.)*"|-?\d+)')
-        self.key, self.offsets, self.done, self.inode = key, {}, 0, None
+    def __init__(self, path, key, types=(int, str), valid=lambda r: True, max_line=LINE_BYTES):
+        self.path, self.key, self.types, self.valid, self.max_line = path, key, types, valid, max_line
+        self.head = re.compile(rb'^\{"' + key.encode() + rb'": ("(?:[^"\\]|\\.)*"|-?\d+)')
+        # offsets: key -> [(byte offset, size, line number)]
+        self.offsets, self.broken, self.done, self.lines, self.inode = {}, {}, 0, 0, None
 
     def refresh(self):
         try:
@@ -331,74 +354,125 @@ class LineIndex:
         except FileNotFoundError:
             return self
         if st.st_size < self.done or st.st_ino != self.inode:
-            self.offsets, self.done, self.inode = {}, 0, st.st_ino
+            self.offsets, self.broken, self.done, self.lines, self.inode = {}, {}, 0, 0, st.st_ino
         with open(self.path, "rb") as f:
             f.seek(self.done)
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break  # being written: indexed once it is whole
-                m = self.head.match(line)
-                try:
-                    k = json.loads(m.group(1)) if m else json.loads(line)[self.key]
-                    self.offsets.setdefault(k, []).append(self.done)
-                except (ValueError, KeyError, TypeError):
-                    pass  # not a row of this file's kind
-                self.done += len(line)
-        return self
+            while True:
+                parts, size, chunk = [], 0, b""
+                while not chunk.endswith(b"\n"):
+                    chunk = f.readline(CHUNK)
+                    if not chunk:
+                        return self  # being written: indexed once it is whole
+                    if size <= self.max_line:  # past max_line only the head is kept
+                        parts.append(chunk)
+                    size += len(chunk)
+                self.lines += 1
+                line = b"".join(parts)
+                if line.strip():
+                    k, why = self._key(line, size)
+                    if why:
+                        self.broken[self.lines] = why
+                    else:
+                        self.offsets.setdefault(k, []).append((self.done, size, self.lines))
+                self.done += size
+
+    def too_large(self, size):
+        return f"a line of {size:,} bytes: too large to show, over {self.max_line:,}"
+
+    def _key(self, line, size):
+        """(key, None) for a line that holds a row, read off its head where it can be; else (None, why)."""
+        m = self.head.match(line)
+        if not m and size > self.max_line:
+            return None, self.too_large(size)
+        try:
+            row = None if m else json.loads(line)
+            k = json.loads(m.group(1)) if m else row.get(self.key) if isinstance(row, dict) else None
+        except ValueError as e:
+            return None, _problem(e)
+        if isinstance(k, bool) or not isinstance(k, self.types):
+            return None, f"not a row with {'an integer' if self.types == (int,) else 'a'} {self.key}"
+        return k, None
 
     def rows(self, k):
-        out = []
+        """The rows of key k, each read by its offset when asked, one at a time; a line that turns
+        out not to be a row (too large to parse, broken after its head) goes to `broken` instead."""
         if k not in self.offsets:
-            return out
+            return
         with open(self.path, "rb") as f:
-            for at in self.offsets.get(k, []):
+            for at, size, line in self.offsets[k]:
+                if size > self.max_line:
+                    self.broken[line] = self.too_large(size)
+                    continue
                 f.seek(at)
-                out.append(json.loads(f.readline()))
-        return out
+                try:
+                    row = json.loads(f.read(size))
+                except ValueError as e:
+                    self.broken[line] = _problem(e)
+                    continue
+                if isinstance(row, dict) and self.valid(row):
+                    yield row
+                else:
+                    self.broken[line] = "not a row of this file"
 
 
-def run_viewer(out_dir):
+def left_out(indexes):
+    """One note naming each line the viewer left out, as file:line and why (ten a file at most)."""
+    parts = []
+    for index in indexes:
+        name, broken = os.path.basename(index.path), sorted(index.broken.items())
+        parts += [f"{name}:{line} ({why})" for line, why in broken[:10]]
+        parts += [f"{len(broken) - 10} more lines of {name}"] if len(broken) > 10 else []
+    return f"<p class=note>Left out: {esc('; '.join(parts))}.</p>" if parts else ""
+
+
+def run_viewer(out_dir, max_line=LINE_BYTES, max_story=STORY_CHARS):
     """app(method, path, params) for a run folder: the charts of metrics.jsonl, and a step's groups
     from rollouts.jsonl. A folder from before run.json counted steps from 0 in its files and kept
-    each reference's text in its rows: shown with steps from 1 all the same."""
-    rollouts, refs = LineIndex(os.path.join(out_dir, "rollouts.jsonl"), "step"), LineIndex(
-        os.path.join(out_dir, "references.jsonl"), "id")
+    each reference's text in its rows: shown with steps from 1 all the same. A line that is not a
+    row is left out and named on the page; a story is shown up to max_story characters."""
+    path = lambda name: os.path.join(out_dir, name)
+    is_story = lambda r: (isinstance(r.get("group"), int) and isinstance(r.get("id"), (int, str))
+                          and isinstance(r.get("story"), (str, type(None))))
+    rollouts = LineIndex(path("rollouts.jsonl"), "step", (int,), is_story, max_line)
+    refs = LineIndex(path("references.jsonl"), "id", valid=lambda r: isinstance(r.get("story"), str), max_line=max_line)
+    logged = LineIndex(path("metrics.jsonl"), "step", (int,), lambda r: type(r.get("step")) is int, max_line)
     lock = threading.Lock()  # the indexes grow as they are read: one request at a time
 
     def max_steps():
         try:
-            return json.load(open(os.path.join(out_dir, "run.json")))["config"]["max_steps"]
-        except (OSError, ValueError, KeyError):
+            return json.load(open(path("run.json")))["config"]["max_steps"]
+        except (OSError, ValueError, KeyError, TypeError):
             return math.inf  # a folder from before run.json: it may still be going
 
     def app(method, route, params):
         with lock:
             return answer(route, params)
 
+    def shown(r):  # a reference's text from references.jsonl; a story past max_story cut, saying how much more
+        if r.get("story") is None:
+            r["story"] = next((x["story"] for x in refs.rows(r["id"])), "(the reference's text is not in "
+                              "references.jsonl)") if r.get("is_ref") else ""
+        r["more"] = max(0, len(r["story"]) - max_story)
+        r["story"] = r["story"][:max_story]
+        return r
+
     def answer(route, params):
         if route != "/":
             return 404, page("Not found", "<h1>Not found</h1>"), {}
-        shift = 0 if os.path.exists(os.path.join(out_dir, "run.json")) else 1
+        shift = 0 if os.path.exists(path("run.json")) else 1
         steps = sorted(s + shift for s in rollouts.refresh().offsets)
         refs.refresh()
         metrics = {}
-        for line in open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") if os.path.exists(
-                os.path.join(out_dir, "metrics.jsonl")) else []:
-            try:
-                r = json.loads(line)
-                metrics.setdefault(r["step"] + shift, {}).update(r, step=r["step"] + shift)
-            except ValueError:
-                pass  # the line being written
+        for s in sorted(logged.refresh().offsets):
+            for r in logged.rows(s):
+                metrics.setdefault(s + shift, {}).update(r, step=s + shift)
         try:
             step = int(params.get("step") or (steps[-1] if steps else 0))
         except ValueError:
             return 400, page("Bad step", f"<h1>No step {esc(params.get('step'))}</h1><a href='/'>the latest step</a>"), {}
         latest = "step" not in params
-        stories = rollouts.rows(step - shift)
-        for r in stories:
-            if r.get("story") is None and r.get("is_ref"):
-                r["story"] = next((x["story"] for x in refs.rows(r["id"])), "(the reference's text is not in references.jsonl)")
-        body = run_page(out_dir, steps, step, metrics, stories)
+        stories = [shown(r) for r in rollouts.rows(step - shift)]
+        body = run_page(out_dir, steps, step, metrics, stories, left_out((rollouts, logged, refs)))
         if latest and steps and steps[-1] < max_steps():  # a run still going: the browser asks again every 30 seconds
             body = body.replace("<title>", "<meta http-equiv=refresh content=30><title>", 1)
         return 200, body, {}
@@ -419,21 +493,30 @@ def run_charts(metrics):
     return "".join(chart(t, s, y_label=y, x_label="step", w=390, h=240) for t, s, y in charts)
 
 
+def _num(x, f):
+    """x formatted, or '-' where a row holds no number (a judge that failed, a row written by hand)."""
+    return format(x, f) if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
+
+
 def story_card(r, label):
     judged = r.get("error")
-    scores = r.get("scores") or {}
-    facts = (f"reward {r['reward']:.1f} &middot; advantage {r['adv']:+.2f} &middot; SQ {r['sq']:.1f} &middot; "
-             f"{rubric.count_words(r['story'])} words, ratio {r['ratio']:.2f}" + (" &middot; truncated" if r.get("truncated") else ""))
+    scores = r["scores"] if isinstance(r.get("scores"), dict) else {}
+    facts = (f"reward {_num(r.get('reward'), '.1f')} &middot; advantage {_num(r.get('adv'), '+.2f')} &middot; "
+             f"SQ {_num(r.get('sq'), '.1f')} &middot; {rubric.count_words(r['story'])} words"
+             f"{' shown' if r.get('more') else ''}, ratio {_num(r.get('ratio'), '.2f')}"
+             + (" &middot; truncated" if r.get("truncated") else ""))
     return (f"<div class='card{' ref' if r.get('is_ref') else ''}'><b>{esc(label)}</b><br><span class=muted>{facts}</span>"
             + (f"<p class=fail>judge failed: {esc(judged)}</p>" if judged else "")
             + (f"<details><summary>16 scores</summary>{scores_table(scores)}</details>" if scores else "")
             + reply_details(r.get("judge_reply"))
-            + f"<div class=story style='max-height:24em;overflow-y:auto;font-size:15px'>{esc(r['story'])}</div></div>")
+            + f"<div class=story style='max-height:24em;overflow-y:auto;font-size:15px'>{esc(r['story'])}</div>"
+            + (f"<p class=note>cut here: {r['more']:,} more characters not shown</p>" if r.get("more") else "")
+            + "</div>")
 
 
-def run_page(out_dir, steps, step, metrics, stories):
+def run_page(out_dir, steps, step, metrics, stories, note=""):
     """A step of a run: the charts, the step's numbers, its best and worst story, and each group's
-    stories side by side beside its prompt, the human reference marked."""
+    stories side by side beside its prompt, the human reference marked; `note` (html) under the title."""
     nav = "".join(f"<a href='/?step={s}'>{label}</a>" for s, label in (
         (steps[0] if steps else None, "first"), (step - 1, "previous"), (step + 1, "next"), (steps[-1] if steps else None, "latest"))
         if s in steps)
@@ -442,11 +525,12 @@ def run_page(out_dir, steps, step, metrics, stories):
     m = metrics.get(step, {})
     numbers = " &middot; ".join(f"{k} {m[k]:.2f}" for k in ("reward", "ref_reward", "sq", "length_ratio", "entropy",
                                                             "ref_adv", "ref_nll", "heldout_sq") if isinstance(m.get(k), (int, float)))
-    body = [f"<h1>{esc(out_dir)}: step {step}</h1><nav>{nav} {form}</nav>", run_charts(metrics),
+    body = [f"<h1>{esc(out_dir)}: step {step}</h1><nav>{nav} {form}</nav>{note}", run_charts(metrics),
             f"<h2>Step {step}</h2><p>{numbers or 'no metrics for this step'}</p>"]
     if not stories:
         return page(f"{out_dir} step {step}", "".join(body) + "<p class=muted>No stories logged at this step yet.</p>")
-    rolled = sorted((r for r in stories if not r.get("is_ref") and r["reward"] == r["reward"]), key=lambda r: r["reward"])
+    rolled = sorted((r for r in stories if not r.get("is_ref") and isinstance(r.get("reward"), (int, float))
+                     and r["reward"] == r["reward"]), key=lambda r: r["reward"])
     if rolled:
         body.append("<h2>The best and the worst story of the step</h2><div class=pair>"
                     + story_card(rolled[-1], f"best: group {rolled[-1]['group']}, {rolled[-1]['id']}")

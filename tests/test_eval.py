@@ -1,4 +1,5 @@
 """eval.py's statistics as functions, its tasks as subprocesses against the local judge, and data/prepare.py."""
+import html
 import json
 import math
 import re
@@ -74,12 +75,10 @@ def test_disconnected_graph_and_missing_ids_are_errors(tmp_path):
     pairs = [dict(id="1", model_a="a", model_b="b", winner="a"), dict(id="1", model_a="c", model_b="d", winner="tie")]
     with pytest.raises(ValueError, match=r"not connected.*a, b \| c, d"):
         ev.elo_table(pairs)
-    f1, f2 = tmp_path / "x.jsonl", tmp_path / "y.jsonl"
-    f1.write_text("".join(json.dumps(dict(id=i, story="s")) + "\n" for i in ("p1", "p2", "p3")))
-    f2.write_text("".join(json.dumps(dict(id=i, story="s")) + "\n" for i in ("p1", "p3")))
-    with pytest.raises(ValueError, match=f"{f2} lacks p2"):
-        ev.shared_ids([str(f1), str(f2)], False)
-    assert ev.shared_ids([str(f1), str(f2)], True) == ["p1", "p3"], "the explicit flag compares on the intersection"
+    ids = {"x.jsonl": {"p1", "p2", "p3"}, "y.jsonl": {"p1", "p3"}}
+    with pytest.raises(ValueError, match="y.jsonl lacks p2"):
+        ev.shared_ids(ids, False)
+    assert ev.shared_ids(ids, True) == ["p1", "p3"], "the explicit flag compares on the intersection"
 
 
 def test_half_written_file_is_resumed_not_truncated(tmp_path):
@@ -196,10 +195,32 @@ def test_prepare_builds_training_data(tmp_path):
 def test_a_clean_sweep_is_flagged_unbounded():
     pairs = [dict(id=str(i), model_a="x", model_b="y", winner="a") for i in range(10)]
     t = ev.elo_table(pairs, n_boot=20)
-    assert t["x"]["unbounded"] and t["y"]["unbounded"] and t["x"]["rating"] > t["y"]["rating"], \
-        "10 wins of 10: no finite rating, flagged"
-    pairs.append(dict(id="10", model_a="x", model_b="y", winner="b"))
-    assert not ev.elo_table(pairs, n_boot=20)["x"]["unbounded"], "one loss bounds the rating"
+    assert t["x"]["unbounded"] and t["y"]["unbounded"] and (t["x"]["rank"], t["y"]["rank"]) == (1, 2), \
+        "10 wins of 10: no finite rating, flagged, ordered"
+    assert t["x"]["rating"] is None and t["x"]["ci"] is None, "and no number"
+    pairs.append(dict(id="10", model_a="x", model_b="y", winner="tie"))
+    assert not ev.elo_table(pairs, n_boot=20)["x"]["unbounded"], "one tie (counted both ways) bounds the rating"
+
+
+def test_no_elo_number_where_the_win_graph_is_not_strongly_connected(tmp_path):
+    # g and p beat b and s every time; within each pair the results are mixed
+    pairs = [dict(id=f"{w}{l}{k}", model_a=w, model_b=l, winner="a") for w in "gp" for l in "bs" for k in range(3)]
+    pairs += [dict(id="i1", model_a="g", model_b="p", winner="a"), dict(id="i2", model_a="g", model_b="p", winner="b"),
+              dict(id="i3", model_a="b", model_b="s", winner="tie")]
+    assert ev.strong_parts(list("bgps"), [b for bs in ev.battles_by_prompt(pairs).values() for b in bs]) == \
+        [["g", "p"], ["b", "s"]], "two parts, the winners first"
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    sentence = "No Bradley-Terry rating exists: in the order g, p > b, s, each won every comparison"
+    p = run_eval("--task=elo", f"--pairs={f}", f"--out={tmp_path}/ratings.json")
+    assert sentence in p.stdout and not re.search(r"\| \d{3,}", p.stdout), p.stdout
+    table = json.load(open(tmp_path / "ratings.json"))
+    assert {m: (r["rating"], r["rank"], r["unbounded"]) for m, r in table.items()} == \
+        {"g": (None, 1, True), "p": (None, 1, True), "b": (None, 3, True), "s": (None, 3, True)}, table
+    run_eval("--task=report", f"--pairs={f}", f"--out={tmp_path}/report.md")
+    for name in ("report.md", "report.html"):
+        text = html.unescape((tmp_path / name).read_text())
+        assert sentence in text and "not bounded" in text and not re.search(r"(\| |<td>)\d{3,}", text), f"{name}: {text}"
 
 
 def test_pairs_rows_are_checked(tmp_path):
@@ -239,10 +260,11 @@ def test_api_generation_fields_thinking_and_empty_replies(tmp_path):
         return ("body", json.dumps(dict(choices=[dict(message=message, finish_reason=finish)], usage={})).encode())
     s = FaultServer([reply("The first story.", "a plan"),  # vLLM / transformers serve split the thinking out
                      reply("", "thinking until the end", "length"),  # came back without a story
-                     reply("<think>\nplan\n</think>\n\nThe third story.")])  # no reasoning parser: split here
+                     reply("<think>\nplan\n</think>\n\nThe third story."),  # no reasoning parser: split here
+                     reply("\u200b\u2060 \ufeff\u200b")])  # only invisible characters: no story either
     out = tmp_path / "g.jsonl"
     args = [sys.executable, "eval.py", "--task=generate", "--model=served", f"--api_url={s.url}", f"--out={out}",
-            "--limit=3", "--judge_workers=1", "--enable_thinking=False", "--max_new_tokens=99",
+            "--limit=4", "--judge_workers=1", "--enable_thinking=False", "--max_new_tokens=99",
             "--api_extra={'top_p': None, 'temperature': 0.9, 'seed': 5}", f"--gen_cache={tmp_path}/cache"]
     try:
         p = subprocess.run(args, **SUB)
@@ -251,18 +273,18 @@ def test_api_generation_fields_thinking_and_empty_replies(tmp_path):
         subprocess.run(args, **SUB)
     finally:
         s.close()
-    prompts = [json.loads(l) for l in open("data/eval/prompts.jsonl")][:3]
-    assert p.returncode != 0 and "1 of 3 generations came back without a story" in p.stderr and prompts[1]["id"] in p.stderr, \
-        p.stderr[-1000:]
+    prompts = [json.loads(l) for l in open("data/eval/prompts.jsonl")][:4]
+    assert p.returncode != 0 and "2 of 4 generations came back without a story" in p.stderr and \
+        prompts[1]["id"] in p.stderr and prompts[3]["id"] in p.stderr, p.stderr[-1000:]
     assert [(r["id"], r["story"], r["thinking_words"]) for r in rows] == \
         [(prompts[0]["id"], "The first story.", 2), (prompts[2]["id"], "The third story.", 1)], rows
     body = s.requests[0]["body"]
     assert body["chat_template_kwargs"] == {"enable_thinking": False}, "thinking on or off reaches the template"
     assert body["max_tokens"] == 99 and body["temperature"] == 0.9 and body["seed"] == 5 and "top_k" not in body, body
     assert "top_p" not in body, "api_extra adds fields, replaces them one by one, and None removes one"
-    assert len(s.requests) == 4 and s.requests[3]["body"]["messages"][0]["content"] == prompts[1]["prompt"], \
-        "the empty reply was not cached: the next run asks again for that prompt only"
-    assert cached == 2, "API generations are cached apart from the judge's replies, the empty one not at all"
+    assert [r["body"]["messages"][0]["content"] for r in s.requests[4:]] == [prompts[1]["prompt"], prompts[3]["prompt"]], \
+        "the empty and the invisible replies were not cached: the next run asks again for those prompts only"
+    assert cached == 2, "API generations are cached apart from the judge's replies, those without a story not at all"
 
 
 def gens_row(i, **k):
@@ -276,18 +298,44 @@ def gens_row(i, **k):
     ([[gens_row(7), gens_row("7")]], "g0.jsonl:2", "id '7' is str where the ids before are int"),
     ([[gens_row(7)], [gens_row("7", model="n")]], "g1.jsonl:1", "id '7' is str where the ids before are int"),
     ([[gens_row("p1")], [gens_row("p1")]], "g0.jsonl and ", "hold one model name, 'm'"),
+    ([[gens_row("p1"), gens_row("p2", story="cafe").encode().replace(b"fe", b"f\xe9")]], "g0.jsonl:2", "not UTF-8 (byte 0xe9 at column"),
 ])
 def test_generation_files_are_checked(tmp_path, files, where, why):
     paths = []
     for k, lines in enumerate(files):
         paths.append(tmp_path / f"g{k}.jsonl")
-        paths[-1].write_text("\n".join(lines) + "\n")
+        paths[-1].write_bytes(b"\n".join(l if isinstance(l, bytes) else l.encode() for l in lines) + b"\n")
     with pytest.raises(ValueError, match=re.escape(why)) as e:
         ev.read_gens([str(p) for p in paths])
     assert f"{tmp_path}/{where}" in str(e.value), str(e.value)
     p = subprocess.run([sys.executable, "eval.py", "--task=pairwise" if len(paths) > 1 else "--task=score",
                         f"--gens={','.join(map(str, paths))}", f"--pairs={tmp_path}/p.jsonl", f"--judge_cache="], **SUB)
-    assert p.returncode != 0 and why in p.stderr and "Traceback" not in p.stderr, p.stderr[-1000:]
+    assert p.returncode != 0 and p.stderr.startswith("error: ") and why in p.stderr, p.stderr[-1000:]
+    assert len(p.stderr.strip().splitlines()) == 1, f"one line, no traceback: {p.stderr[-1000:]}"
+
+
+def test_inputs_are_only_read_while_their_writer_appends(tmp_path):
+    """study, score, pairwise and report on a generation file whose last line is still being
+    written: its bytes are never rewritten, the writer's later rows all land, one warning a task."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    b.write_text("".join(gens_row(f"p{k}", model="n", story=f"Story {k} by n.") + "\n" for k in range(4)))
+    writer = open(a, "a")
+    writer.write("".join(gens_row(f"p{k}", story=f"Story {k} by m.") + "\n" for k in range(3)) + gens_row("p3")[:30])
+    writer.flush()
+    before, inode = a.read_bytes(), a.stat().st_ino
+    common = [f"--gens={a},{b}", f"--judge_cache={tmp_path}/cache", f"--pairs={tmp_path}/pairs.jsonl"]
+    for args, ok in ((["--task=study", "--n=2", f"--out={tmp_path}/s.jsonl"], True),
+                     (["--task=study", "--n=9", f"--out={tmp_path}/t.jsonl"], False),  # fails after reading
+                     (["--task=score"], True), (["--task=pairwise", "--allow_intersection=True"], True),
+                     (["--task=report", f"--out={tmp_path}/r.md"], True)):
+        p = subprocess.run([sys.executable, "eval.py", *common, *args], **SUB)
+        assert (p.returncode == 0) == ok, p.stdout[-1000:] + p.stderr[-1000:]
+        assert p.stderr.count(f"warning: {a}:4: skipping a half-written last line") == 1 and \
+            p.stderr.count("half-written") == 1, f"{args}: one warning naming file:line\n{p.stderr[-1000:]}"
+        assert a.read_bytes() == before and a.stat().st_ino == inode, f"{args}: the input was rewritten"
+    writer.write(gens_row("p3")[30:] + "\n" + gens_row("p4") + "\n")
+    writer.close()
+    assert [json.loads(l)["id"] for l in open(a)] == ["p0", "p1", "p2", "p3", "p4"], "every row of the writer landed"
 
 
 def test_failed_judgements_are_asked_again(tmp_path):

@@ -6,8 +6,10 @@ import html
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -94,6 +96,7 @@ def test_human_win_rate_intervals_and_the_cards_arithmetic():
     assert s["ci"][0] == pytest.approx(0.55, abs=0.0126) and s["ci"][1] == pytest.approx(0.80, abs=0.0126), s["ci"]
     lo, hi = s["wilson"]
     assert lo == pytest.approx(0.5205, abs=1e-3) and hi == pytest.approx(0.7992, abs=1e-3), "Wilson's interval, n = 40 items"
+    assert "conservative" in ev.human_rows([s])[0][0][4], "Wilson's interval with n = items is labelled a conservative bound"
     [wide] = ev.human_study(votes_for([1.0] * 40 + [0.5] + [0.0] * 19), order=["tuned"], n_boot=10000)
     assert wide["rate"] == pytest.approx(0.675) and wide["items"] == 60
     assert wide["ci"][1] - wide["ci"][0] < 0.245, f"60 items cannot give a 25-point interval: {wide['ci']}"
@@ -120,6 +123,71 @@ def test_agreement_kappa_and_the_judge_against_people():
     assert (without, kept) == (pytest.approx(11 / 14), 14), "without ties: 14 votes, 11 for tuned"
     assert ev.kappa(["x", "y"] * 5, ["x", "y"] * 5, ("x", "y", "tie")) == 1.0, "perfect agreement"
     assert ev.wilson(1.0, 5)[1] == 1.0 and ev.wilson(0.0, 5)[0] == 0.0, "within [0, 1]"
+
+
+def test_each_annotator_has_an_order_and_balanced_sides_of_their_own():
+    items = [dict(item=k, bucket=b) for k, b in enumerate(["ID"] * 5 + ["near"] * 4 + ["far"] * 3, 1)]
+    extra, orders = {"ID": 0, "far": 0}, set()
+    for k in range(200):
+        order, flipped = ev.annotation_plan(items, "sha256:one", f"ann{k}")
+        assert (order, flipped) == ev.annotation_plan(items, "sha256:one", f"ann{k}"), "a restarted page shows the same"
+        assert sorted(it["item"] for it in order) == list(range(1, 13)), "every item once"
+        for b, size in (("ID", 5), ("near", 4), ("far", 3)):
+            n = sum(it["item"] in flipped for it in items if it["bucket"] == b)
+            assert n in (size // 2, (size + 1) // 2), f"{b}: the second model is A on {n} of {size} items"
+            extra[b] = extra.get(b, 0) + (n > size // 2)
+        orders.add(tuple(it["item"] for it in order))
+    assert len(orders) > 190, f"each annotator sees an order of their own: {len(orders)} orders for 200"
+    assert all(70 < extra[b] < 130 for b in ("ID", "far")), f"an odd bucket's extra A goes either way: {extra}"
+    assert ev.annotation_plan(items, "sha256:two", "ann0") != ev.annotation_plan(items, "sha256:one", "ann0"), \
+        "another study, another plan"
+
+
+def test_a_study_leaves_out_identical_stories(tmp_path):
+    a, b, c = (tmp_path / f"{m}.jsonl" for m in "abc")
+    row = lambda k, m, story: json.dumps(dict(id=f"p{k}", prompt="Write a story.", target_words=1000 + 4000 * (k % 3),
+                                              model=m, story=story)) + "\n"
+    a.write_text("".join(row(k, "a", f"The story {k} by a.") for k in range(6)))
+    b.write_text("".join(row(k, "b", f"The story {k} by a." if k in (1, 3) else f"Story {k} by b.") for k in range(6)))
+    c.write_text("".join(row(k, "c", f"The story {k}  by a.\n") for k in range(6)))
+    p = run_eval("--task=study", f"--gens={a},{b}", "--n=4", f"--out={tmp_path}/s.jsonl")
+    assert "2 of the 6 prompts both files cover have the same story in both, left out of the draw: p1, p3" in p.stderr, \
+        p.stderr
+    ids = {json.loads(l)["id"] for l in open(tmp_path / "s.jsonl")}
+    assert len(ids) == 4 and not ids & {"p1", "p3"}, f"no item of two identical stories: {ids}"
+    p = run_eval("--task=study", f"--gens={a},{c}", "--n=4", f"--out={tmp_path}/t.jsonl", check=False)
+    assert p.returncode != 0 and "hold the same story for each of the 6 prompts they share" in p.stderr, p.stderr
+    assert not (tmp_path / "t.jsonl").exists(), "nothing drawn"
+
+
+def test_an_annotations_folder_belongs_to_one_study_by_its_content(tmp_path):
+    studies = []
+    for name in ("one", "two"):  # two studies, both named study.jsonl
+        (tmp_path / name).mkdir()
+        studies.append(tmp_path / name / "study.jsonl")
+        studies[-1].write_text("".join(json.dumps(dict(item=k, id=f"p{k}", prompt="Write.", target_words=100, bucket="ID",
+                                                       stories=[dict(model="x", story=f"{name} {k} x"),
+                                                                dict(model="y", story=f"{name} {k} y")])) + "\n"
+                                       for k in (1, 2)))
+    one, two = (ev.study_tag(str(s)) for s in studies)
+    folder = tmp_path / "one" / "annotations"
+    folder.mkdir()
+    vote = lambda study, **k: json.dumps(dict(dict(item=1, id="p1", study=study, model_a="x", model_b="y", choice="A"), **k))
+    (folder / "ann.jsonl").write_text(vote(one) + "\n")
+    (folder / "bea.jsonl").write_text(vote("study.jsonl") + "\n")  # written before the hash: the file's name
+    assert len(ev.read_annotations(str(folder))) == 2, "a row tied by name reads as the study beside its folder"
+    (folder / "cid.jsonl").write_text(vote(two) + "\n")  # the other study.jsonl's choices, moved here
+    with pytest.raises(ValueError, match="holds the choices of several studies"):
+        ev.read_annotations(str(folder))
+    p = run_eval("--task=annotate", f"--study={studies[0]}", "--annotator=cid", check=False)
+    assert p.returncode != 0 and f"{folder}/cid.jsonl:1: a choice for another study" in p.stderr, p.stderr[-1000:]
+    for bad in ("[]", vote(one, item=None)):  # a line that is not an annotation: named, with what to do
+        (folder / "dan.jsonl").write_text(vote(one) + "\n" + bad + "\n")
+        with pytest.raises(ValueError, match=r"dan.jsonl:2: not an annotation .* remove or correct this line"):
+            ev.read_annotations(str(folder))
+        p = run_eval("--task=annotate", f"--study={studies[0]}", "--annotator=dan", check=False)
+        assert p.returncode != 0 and p.stderr.startswith(f"error: {folder}/dan.jsonl:2: not an annotation") \
+            and len(p.stderr.strip().splitlines()) == 1, p.stderr[-1000:]
 
 
 def test_the_evaluation_prompts():
@@ -179,6 +247,57 @@ def stop_page(p):
     p.stderr.close()
 
 
+def raw_post(port, headers, body=b"", more=0):
+    """A POST over a raw socket (a client library would mend what these tests break), then `more`
+    chunks of 64 KB while the answer is read -> (status or None when none came in 10 s, answer)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    s.sendall(f"POST /choose HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{head}\r\n".encode() + body)
+
+    def send_more():
+        try:
+            for _ in range(more):
+                s.sendall(b"x" * 65536)
+        except OSError:
+            pass  # the server answered and closed without reading the rest
+    sender = threading.Thread(target=send_more)
+    sender.start()
+    answer = b""
+    try:
+        while chunk := s.recv(65536):
+            answer += chunk
+    except TimeoutError:
+        pass  # a server still reading
+    finally:
+        s.close()
+        sender.join()
+    return (int(answer.split(b" ", 2)[1]) if answer else None), answer
+
+
+def test_the_page_server_checks_a_form_before_reading_it(judged, tmp_path):
+    root, gens = judged
+    study = tmp_path / "study.jsonl"
+    run_eval("--task=study", f"--gens={','.join(gens)}", "--n=3", f"--out={study}")
+    first = ev.annotation_plan([json.loads(l) for l in open(study)], ev.study_tag(str(study)), "ann")[0][0]["item"]
+    form = f"item={first}&choice=A&reason=".encode()
+    server, url = start_page("--task=annotate", f"--study={study}", "--annotator=ann")
+    port = int(url.split(":")[2].strip("/"))
+    try:
+        for headers, more, want in (({"Content-Length": "-1"}, 100, 400), ({}, 0, 400), ({"Content-Length": "abc"}, 0, 400),
+                                    ({"Content-Length": str(70 * 1024)}, 2, 413)):
+            status, _ = raw_post(port, headers, form, more)
+            assert status == want, f"{headers}: {status}, not {want}, and at once"
+        status, answer = raw_post(port, {"Content-Length": str(len(form) + 3000)}, form + b"x" * 3000)
+        assert status == 400 and b"3,000 characters, over the 2,000 allowed" in answer, "a long reason refused out loud"
+        status, _ = raw_post(port, {"Content-Length": str(len(form) + 4)}, form + b"fine")
+        assert status == 303, status
+    finally:
+        stop_page(server)
+    rows = [json.loads(l) for l in open(tmp_path / "annotations" / "ann.jsonl")]
+    assert [(r["item"], r["reason"], r["study"]) for r in rows] == [(first, "fine", ev.study_tag(str(study)))], \
+        f"only the form within bounds saved, tied to its study by the content's hash: {rows}"
+
+
 def test_annotation_page_in_a_browser(judged, browser, tmp_path):
     root, gens = judged
     study = tmp_path / "study.jsonl"
@@ -228,11 +347,13 @@ def test_annotation_page_in_a_browser(judged, browser, tmp_path):
         stop_page(server)
         stop_page(other)
     rows = [json.loads(l) for l in open(answers)]
-    assert [r["item"] for r in rows] == [1, 2, 3, 4, 5], f"exactly five choices, one per item: {rows}"
+    order = ev.annotation_plan(items, ev.study_tag(str(study)), "ann")[0]
+    assert [r["item"] for r in rows] == [it["item"] for it in order[:5]], f"five choices, in ann's own order: {rows}"
     assert [r["choice"] for r in rows] == ["A", "B", "tie", "A", "B"], "the fourth taken back and chosen again"
     assert rows[2]["reason"] == "B's ending is earned; A meanders" and all(r["seconds"] >= 0 for r in rows)
-    for r, it in zip(rows, items):
-        assert r["id"] == it["id"] and r["study"] == "study.jsonl" and {r["model_a"], r["model_b"]} == {"polaris-9b", "qwen-base"}
+    for r, it in zip(rows, order):
+        assert r["id"] == it["id"] and r["study"] == ev.study_tag(str(study)) and \
+            {r["model_a"], r["model_b"]} == {"polaris-9b", "qwen-base"}
         assert set(r) >= {"item", "id", "study", "model_a", "model_b", "choice", "reason", "seconds", "time"}
     shown = [r["model_a"] for r in rows] + [json.loads(l)["model_a"] for l in open(tmp_path / "annotations" / "bea.jsonl")]
     assert len(shown) == 6 and len(open(tmp_path / "annotations" / "bea.jsonl").readlines()) == 1, "one file each"
@@ -264,14 +385,17 @@ def test_off_the_loopback_nothing_is_served_without_the_token(judged, tmp_path):
     try:
         base = url.split("?")[0]
         assert "?token=" in url, "off the loopback the printed address carries the token"
-        story = html.escape(json.loads(open(study).readline())["stories"][0]["story"][100:160])
+        first = ev.annotation_plan([json.loads(l) for l in open(study)], ev.study_tag(str(study)), "remote")[0][0]
+        story = html.escape(first["stories"][0]["story"][100:160])
+        status, answer = raw_post(int(base.split(":")[2].strip("/")), {"Content-Length": "200000000"}, more=4)
+        assert status == 401 and b"access token" in answer, "no token: 401 before a byte of the 200 MB is read"
         for method, path in (("get", ""), ("post", "choose"), ("get", "?token=wrong")):
             r = getattr(requests, method)(base + path, data=dict(item=1, choice="A"), allow_redirects=False, timeout=10)
             assert r.status_code == 401 and "access token" in r.text and story not in r.text, (method, path, r.status_code)
         s = requests.Session()
         r = s.get(url, timeout=10)
         assert r.status_code == 200 and "1 / 3" in r.text and story in r.text, "the printed address opens the page"
-        assert s.post(base + "choose", data=dict(item=1, choice="tie"), timeout=10).status_code == 200
+        assert s.post(base + "choose", data=dict(item=first["item"], choice="tie"), timeout=10).status_code == 200
     finally:
         stop_page(server)
     assert [json.loads(l)["choice"] for l in open(tmp_path / "annotations" / "remote.jsonl")] == ["tie"]

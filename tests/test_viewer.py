@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import tracemalloc
 
 import pytest
 import requests
@@ -105,10 +106,41 @@ def test_the_line_index_reads_a_step_and_follows_a_growing_file(tmp_path):
         f.write('up": 0, "story": "late"}\n')
     assert [r["story"] for r in index.refresh().rows(41)] == ["late"], "a line indexed once it is whole"
     path.write_text(json.dumps(dict(step=1, story="rewritten")) + "\n")  # trimmed on resume
-    assert sorted(index.refresh().offsets) == [1] and index.rows(1)[0]["story"] == "rewritten"
+    assert sorted(index.refresh().offsets) == [1] and next(index.rows(1))["story"] == "rewritten"
     ids = pages.LineIndex(str(tmp_path / "refs.jsonl"), "id")
     (tmp_path / "refs.jsonl").write_text(json.dumps(dict(id='a "quoted" id', story="s")) + "\n" + json.dumps(dict(id=7)) + "\n")
     assert sorted(ids.refresh().offsets, key=str) == [7, 'a "quoted" id'], "string and integer ids"
+
+
+def test_broken_and_huge_lines_are_left_out_and_named(tmp_path):
+    """A line of 20 MB (the cap lowered to 1 MB, as 100 MB against the real 16 MB), a story over
+    the story cap, a non-UTF-8 byte, null and a binary line in each file: the page is served, each
+    left-out line named once by file:line, in bounded memory."""
+    row = lambda **k: json.dumps(dict(dict(step=1, group=0, id="p1", is_ref=False, story="A story.", reward=1.0, adv=0.5,
+                                           sq=40.0, ratio=0.9, scores={"Prompt Adherence": 7}, error=None), **k)).encode()
+    binary = bytes(range(256)).replace(b"\n", b"")
+    (tmp_path / "run.json").write_text(json.dumps(dict(config=dict(max_steps=1))))
+    (tmp_path / "rollouts.jsonl").write_bytes(b"\n".join([
+        row(), row(story="x" * 5000), b'{"step": 1, "group": 0, "story": "' + b"y" * 20_000_000 + b'"}', b"null",
+        b'{"step": 1, "group": 1, "story": "caf\xe9"}', binary, row(is_ref=True, story=None, id="r1", reward=None)]) + b"\n")
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"reward": 12.5, "step": 1}\nnull\n{"step": 1, "x": "\xff"}\n' + binary + b"\n")
+    (tmp_path / "references.jsonl").write_bytes(binary + b"\n" + json.dumps(dict(id="r1", story="The reference.")).encode()
+                                                + b"\n")
+    app = pages.run_viewer(str(tmp_path), max_line=1_000_000, max_story=1000)
+    tracemalloc.start()
+    try:
+        status, body, _ = app("GET", "/", {})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == 200 and "reward 12.50" in body and "The reference." in body, body[-2000:]
+    assert peak < 8e6 and len(body) < 100_000, f"bounded: {peak:,} bytes at the peak, {len(body):,} of HTML"
+    for where in ("rollouts.jsonl:3 (a line of 20,000,037 bytes: too large to show", "rollouts.jsonl:4 (not a row",
+                  "rollouts.jsonl:5 (not UTF-8)", "rollouts.jsonl:6 (", "metrics.jsonl:2 (not a row",
+                  "metrics.jsonl:3 (not UTF-8)", "metrics.jsonl:4 (", "references.jsonl:1 ("):
+        assert body.count(pages.esc(where)) == 1, f"{where} named once: {body[:3000]}"
+    assert "x" * 1000 in body and "x" * 1001 not in body and "4,000 more characters not shown" in body, "cut, and said"
+    assert app("GET", "/", {"step": "1"})[0] == 200, "and it keeps serving"
 
 
 def test_off_the_loopback_the_viewer_asks_for_the_token(run):
