@@ -88,7 +88,6 @@ if worker.startswith("trl:"):  # the peer: TRL's GRPOTrainer on polaris's tiny m
     import trl
     from transformers import TrainerCallback
     import judge as judge_lib
-    import judge_http
     import rubric
     import tiny as tiny_model
     _, reward_by, max_steps = worker.split(":")
@@ -103,7 +102,7 @@ if worker.startswith("trl:"):  # the peer: TRL's GRPOTrainer on polaris's tiny m
         stories = [c[0]["content"] for c in completions]
         if reward_by == "free":  # in-process and next to nothing: the length ratio
             return [rubric.count_words(s) / t for s, t in zip(stories, target_words)]
-        res, _ = judge_http.score(judge, [dict(prompt=p[-1]["content"], target_words=t, story=s)
+        res, _ = judge_lib.score(judge, [dict(prompt=p[-1]["content"], target_words=t, story=s)
                                           for p, s, t in zip(prompts, stories, target_words)])
         return [r["reward"] for r in res]
 
@@ -193,7 +192,6 @@ if want(1):
 if want(2):
     print("2. judge throughput ...", flush=True)
     import judge as judge_lib
-    import judge_http
 
     # the server runs in its own process, as a remote API would: in this one it would share the GIL
     with socket.socket() as sock:  # a free port
@@ -205,9 +203,9 @@ if want(2):
         sys.exit("the local judge did not start")
     story = json.loads(open(os.path.join(ROOT, "data/sample/train.jsonl")).readline())
     client = judge_lib.Judge(f"http://127.0.0.1:{port}/v1", "bench", workers=judge_workers)
-    judge_http.score(client, [story])  # warm-up: the server loads its vocabulary on the first request
+    judge_lib.score(client, [story])  # warm-up: the server loads its vocabulary on the first request
     t = time.perf_counter()
-    results, used = judge_http.score(client, [dict(story, story=story["story"] + f"\n\n{i}") for i in range(judge_requests)])
+    results, used = judge_lib.score(client, [dict(story, story=story["story"] + f"\n\n{i}") for i in range(judge_requests)])
     wall = time.perf_counter() - t
     client.close()
     server.terminate()

@@ -1,22 +1,12 @@
 """
 The poor man's configurator, after nanoGPT's, with nanochat's fixes. A script defines its
-settings as plain module globals with defaults, then calls
-
-    from configurator import configure
-    config = configure(globals())
-
-which applies, in order, each config file named on the command line (python files holding only
-overrides, e.g. config/tiny.py) and each --key=value. Values are parsed with literal_eval
-(a bare word stays a string) and must match the default's type: None accepts anything, an int
-may stand for a float. Unknown keys are rejected with the nearest valid names. Any bad input
-exits before the script does expensive work, naming the file:line or the flag; so does a number
-that is not finite (1e999 parses as inf). Then each script
-checks the values against their allowed ranges with check_ranges, the rules written once where
-the settings are defined (judge.RANGES, preflight.SAMPLING_RANGES and preflight.RANGES).
-
-A config file is executed as Python, like nanoGPT's: run only config files you trust.
-nanoGPT exec()s this file into the script instead; a function is used here so that tests can
-call it and so that scripts run from any working directory.
+settings as module globals with defaults, then calls `config = configure(globals())`, which
+applies each config file named on the command line (Python files of overrides, e.g.
+config/tiny.py, executed as such: run only your own), then each --key=value, parsed with
+literal_eval (a bare word stays a string). A value must have its default's type (None takes
+anything, an int may stand for a float); unknown keys are refused with the nearest names; a
+number must be finite. Bad input exits at once, naming the file:line or flag. --help lists every
+setting. check_ranges then checks the values against the rules written beside the settings.
 """
 import ast
 import difflib
@@ -80,15 +70,12 @@ def _check(keys, key, value, where, g=None):
         return type(default)(value)
     also = "".join(f" or {v!r}" for v in ALSO_ALLOWED.get(key, ()))
     now = g[key] if g is not None else default
-    _fail(f"{where}: {key} must be {type(default).__name__} like {now!r} ({origin(key)}){also}, "
+    source = f"set in {ORIGIN[key]}" if key in ORIGIN else "its default"
+    _fail(f"{where}: {key} must be {type(default).__name__} like {now!r} ({source}){also}, "
           f"got {type(value).__name__} {value!r}")
 
 
 ORIGIN = {}  # setting -> where its value came from: 'config/tiny.py:12' or '--key'; absent: the default
-
-
-def origin(key):
-    return f"set in {ORIGIN[key]}" if key in ORIGIN else "its default"
 
 
 def configure(g, argv=None, about=""):
@@ -146,12 +133,8 @@ def settings_help(g, defaults, about=""):
     """Every setting of the script that g belongs to, read from its source: grouped under the
     comment lines that head them, each with its default, the value a config file or flag set, and
     its comment. Settings are module globals, or globals set under the `__main__` guard."""
-    import io
-    import tokenize
     path = g.get("__file__") or sys.argv[0]
     src = open(path, encoding="utf-8").read()
-    comments = {t.start[0]: t.string.lstrip("# ") for t in tokenize.generate_tokens(io.StringIO(src).readline)
-                if t.type == tokenize.COMMENT}
     lines = src.splitlines()
     body = [n for node in ast.parse(src).body
             for n in (node.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) else [node])]
@@ -174,7 +157,7 @@ def settings_help(g, defaults, about=""):
         for name in names:
             shown.add(name)
             now = f" -> {redact_url(repr(g[name]))} ({ORIGIN[name]})" if name in ORIGIN else ""
-            note = comments.get(node.end_lineno, "")
+            note = lines[node.end_lineno - 1].partition("  # ")[2]  # the line's comment
             out.append(f"  --{name}={redact_url(repr(defaults[name]))}{now}" + (f"  # {note}" if note else ""))
     rest = [k for k in defaults if k not in shown]
     if rest:

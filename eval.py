@@ -41,23 +41,19 @@ from itertools import combinations
 
 import numpy as np
 
+import data
 import judge as judge_lib
-import judge_http
 import jsonl
 import pages
 import preflight
 import rubric
+import rundir
 from configurator import redact_url
+from rubric import BUCKETS, bucket
 
 # -----------------------------------------------------------------------------
 # requested-length buckets, bootstrap, dual position, Bradley-Terry
 
-BUCKETS = [("ID 1-4k", 4000), ("near OOD 4-8k", 8000), ("far OOD 8-12k", math.inf)]
-
-
-def bucket(target_words):
-    """4,000 words is still in distribution, 4,001 is near OOD, 8,001 far OOD."""
-    return next(name for name, top in BUCKETS if target_words <= top)
 
 
 def bootstrap_ci(groups, stat, n_boot=1000, seed=0):
@@ -293,7 +289,7 @@ def read_gens(files):
     for f in files:
         rows, seen = [], set()
         for line, r in jsonl.read(f, numbered=True):
-            problem = preflight.row_problem(r, max_words=None, allow_empty=True, special_tokens=())
+            problem = data.row_problem(r, max_words=None, allow_empty=True, special_tokens=())
             if not problem and r["id"] in seen:
                 problem = f"id {r['id']!r} given twice"
             elif not problem and kind not in (None, type(r["id"])):
@@ -309,7 +305,7 @@ def read_gens(files):
         if name in owner:
             raise ValueError(f"{owner[name]} and {f} hold one model name, {name!r}: rename one (the 'model' field)")
         owner[name], gens[f] = f, (name, rows)
-        preflight.warn_uncounted(f, rows)
+        data.warn_uncounted(f, rows)
     return gens
 
 
@@ -622,7 +618,7 @@ def generate():
     rows = jsonl.read(prompts)
     for k, r in enumerate(rows, 1):
         t = r.get("target_words")
-        if r.get("id") in (None, "") or not r.get("prompt") or isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= preflight.MAX_TARGET_WORDS:
+        if r.get("id") in (None, "") or not r.get("prompt") or isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= data.MAX_TARGET_WORDS:
             fail(f"{prompts}: row {k} needs id, prompt and a positive integer target_words")
     rows = rows[:limit] if limit else rows
     done = {r["id"] for r in jsonl.read(out, must_exist=False, repair=True)}
@@ -711,12 +707,12 @@ def score():
     if not gen_files:
         fail("--task=score needs --gens=FILE[,FILE...]")
     gens_by_file = read_gens(gen_files)
-    client = judge_lib.judge_from_config(c, cache_dir=c["judge_cache"] or None)
+    client = judge_lib.from_config(c, cache_dir=c["judge_cache"] or None)
     for f, (label, rows) in gens_by_file.items():
         done = {r["id"] for r in drop_failed(scores_path(f), lambda r: r.get("error") is not None)}
         todo = [r for r in rows if r["id"] not in done]
         print(f"{f}: scoring {len(todo)} of {len(rows)} ({len(done)} already in {scores_path(f)})")
-        results, used = judge_http.score(client, todo, progress=True)
+        results, used = judge_lib.score(client, todo, progress=True)
         jsonl.append(scores_path(f), [dict(id=r["id"], target_words=r["target_words"], model=label, **res)
                                       for r, res in zip(todo, results)], sync=True)
         print(f"  judge: {used['failures']} failures, {used['tokens_in'] + used['tokens_out']} tokens, ${used['cost']:.4f}"
@@ -734,7 +730,7 @@ def pairwise():
     ids = shared_ids({f: {r["id"] for r in rows} for f, (_, rows) in gens_by_file.items()}, allow_intersection)
     by_file = {f: {r["id"]: r for r in rows} for f, (_, rows) in gens_by_file.items()}
     label = {f: name for f, (name, _) in gens_by_file.items()}
-    client = judge_lib.judge_from_config(c, cache_dir=c["judge_cache"] or None)
+    client = judge_lib.from_config(c, cache_dir=c["judge_cache"] or None)
     drop_failed(pairs, lambda r: r.get("winner") is None)
     done = {(r["id"], r["model_a"], r["model_b"]) for r in read_pairs(pairs, must_exist=False)}
     cut = lambda t: t[:max_chars] if max_chars else t
@@ -823,7 +819,7 @@ def annotate():
     items = read_study(study)
     tag, study_name = study_tag(study), os.path.basename(study)
     path = os.path.join(os.path.dirname(os.path.abspath(study)), "annotations", f"{annotator}.jsonl")
-    preflight.take_lock(path[: -len(".jsonl")] + ".lock", 120.0)  # one page per annotator's file
+    rundir.take_lock(path[: -len(".jsonl")] + ".lock", 120.0)  # one page per annotator's file
     rows = jsonl.read(path, numbered=True, must_exist=False, repair=True)
     for line, r in rows:  # rows written before the hash name the study file instead
         problem = annotation_problem(r)
@@ -1005,7 +1001,21 @@ if __name__ == "__main__":
     dtype = "bfloat16"
     seed = 1337
     # judge (config/eval.py: GPT-5.4)
-    globals().update(judge_lib.DEFAULTS)  # judge_url, judge_model, judge_key_env, ... (see judge.py)
+    judge_url = "local"  # base URL ending in /v1, or 'local' for the built-in heuristic judge
+    judge_model = "polaris-local"
+    judge_key_env = ""  # the NAME of the environment variable holding the API key
+    judge_workers = 16  # requests in flight at once (API generation too)
+    judge_timeout = 300.0  # seconds for one request: connecting, headers and body
+    judge_retries = 6  # on 429, 5xx, timeouts and bodies cut on the wire
+    judge_reasks = 2  # on a reply that does not parse
+    judge_backoff_max = 60.0  # the longest wait between retries
+    judge_extra = {}  # passed through in the body: {'reasoning_effort': 'low', ...}
+    judge_max_tokens = 8192  # the reply's cap, sent as max_completion_tokens (0: none)
+    judge_max_reply_bytes = 1_000_000  # a larger reply body is a failure, never re-asked or cached
+    judge_price_in = 0.0  # dollars per million tokens in
+    judge_price_out = 0.0  # dollars per million tokens out
+    judge_cache = "out/judge_cache"  # '' to disable
+    length_weight = 25.0  # reward = SQ - length_weight * (1 - length score)
     c = configure(globals())
     check_ranges(c, dict(preflight.SAMPLING_RANGES, **judge_lib.RANGES, limit=">= 0", n_boot=">= 1", max_chars=">= 0",
                          batch_size=">= 1", n=">= 1", port="[0, 65535]"))
@@ -1019,4 +1029,4 @@ if __name__ == "__main__":
     except (OSError, ValueError) as e:
         fail(str(e))
     except KeyboardInterrupt:  # the rows written so far stay, and a rerun resumes after them
-        judge_lib.stop(client, "interrupted: queued judge requests cancelled" if client else "stopped")
+        judge_lib.exit_now(client, "interrupted: queued judge requests cancelled" if client else "stopped")

@@ -1,17 +1,13 @@
 """
-The project's files: JSONL rows read and written one way everywhere.
-
-- read(): whole rows; a last line cut off by a writer that was killed (or is still writing) is
-  skipped in memory with one warning, and the file is never changed. Pass repair=True only for a
-  file the caller owns and is about to append to: then the cut line is removed from the file.
-- write() and write_text(): the whole file at once, written beside it, flushed to disk and
-  renamed over it: a crash or a full disk leaves the old file or the new one, never half of either.
-- append(): rows added at the end; sync=True flushes them to disk at once and, when the write
-  fails, cuts the file back to where it was, so there is never a half line.
+JSONL rows read and written one way everywhere. read() skips a last line cut off by a writer (one
+warning) and never changes the file, unless repair=True for a file the caller owns. write() and
+write_text() replace a whole file through a temporary one, never half of either; append() with
+sync=True flushes at once, and a failed write leaves no half line.
 """
 import json
 import os
 import sys
+import tempfile
 
 
 def read(path, numbered=False, must_exist=True, repair=False):
@@ -52,11 +48,12 @@ def read(path, numbered=False, must_exist=True, repair=False):
 
 
 def write_text(path, text):
-    """The whole file at once: beside it, flushed to disk, renamed over it."""
+    """The whole file at once: beside it (a name of its own: writers may race), flushed to disk,
+    renamed over it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

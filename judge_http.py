@@ -1,8 +1,8 @@
 """
-The judge's plumbing, kept out of judge.py so that it shows the request, the parse and the retry:
-the POST on the wire under one deadline and a byte cap (redirects, gzip), the checks a reply must
-pass, the disk cache (never a failure in it), identical requests sent once, keys kept out of
-messages, and `python judge.py`'s command line.
+The judge's wire and cache, kept out of judge.py so that it shows the request, the parse and the
+retry: the POST under one deadline and a byte cap (redirects, gzip, proxies), the checks a reply
+must pass, the disk cache (never a failure in it), identical requests sent once, keys kept out of
+messages.
 """
 import collections
 import concurrent.futures
@@ -16,13 +16,13 @@ import math
 import os
 import ssl
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
 import urllib.request
 import zlib
 
+import jsonl
 from configurator import redact_url
 
 TOKENS = ("prompt_tokens", "completion_tokens")
@@ -253,18 +253,11 @@ class Cache:
             return None  # no cache, no entry, or an unreadable one: asked again and overwritten
 
     def put(self, key, reply):
-        path, tmp = self._path(key), None
-        if not path:
-            return
+        path = self._path(key)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(reply, f)
-            os.replace(tmp, path)
+            if path:
+                jsonl.write_json(path, reply)
         except OSError as e:
-            if tmp and os.path.exists(tmp):
-                os.remove(tmp)
             if not self.warned:
                 self.warned = True
                 print(f"warning: the judge cache cannot be written ({e.strerror}): {path}", file=sys.stderr)
@@ -294,141 +287,3 @@ class Once:
             with self.lock:
                 del self.asking[key]
         return future.result(), False
-
-
-# The judge settings every script accepts (train.py spells out its own for the paper run):
-DEFAULTS = dict(
-    judge_url="local",  # base URL ending in /v1, or 'local' for the built-in heuristic judge
-    judge_model="polaris-local",
-    judge_key_env="",  # the NAME of the environment variable holding the API key
-    judge_workers=16, judge_timeout=300.0, judge_retries=6, judge_reasks=2, judge_backoff_max=60.0,
-    judge_extra={},  # passed through in the body: {'reasoning_effort': 'low', ...}
-    judge_max_tokens=8192,  # reply cap, sent as max_completion_tokens (0: none; judge_extra may name its own)
-    judge_max_reply_bytes=1_000_000,  # a larger reply body is a failure, never re-asked or cached
-    judge_max_fail_frac=0.5,  # train.py stops when more of a step's stories than this could not be scored
-    judge_price_in=0.0, judge_price_out=0.0,  # dollars per million tokens
-    judge_cache="out/judge_cache",  # '' to disable
-    length_weight=25.0,  # reward = SQ - length_weight * (1 - length score)
-)
-# the allowed values of the judge settings, checked by every script that takes them
-RANGES = dict(judge_workers=">= 1", judge_timeout="> 0", judge_retries=">= 0", judge_reasks=">= 0",
-              judge_backoff_max=">= 0", judge_max_tokens=">= 0", judge_max_reply_bytes=">= 1",
-              judge_max_fail_frac="[0, 1]", judge_price_in=">= 0", judge_price_out=">= 0", length_weight=">= 0")
-
-
-def score(judge, rows, progress=False):
-    """[{prompt, target_words, story}, ...] -> (results in order, usage of this batch)."""
-    futures = [judge.submit(r["prompt"], r["target_words"], r["story"]) for r in rows]
-    if progress:
-        from concurrent.futures import as_completed
-        from tqdm import tqdm
-        for _ in tqdm(as_completed(futures), total=len(futures), desc="judging"):
-            pass
-    results = [f.result() for f in futures]
-    return results, usage(results)
-
-
-def usage(results):
-    """Sum the judge usage of a list of results."""
-    return dict(n=len(results), failures=sum(r["error"] is not None for r in results),
-                **{k: sum(r.get(k, 0) for r in results) for k in ("tokens_in", "tokens_out", "cost", "cached", "unpriced")})
-
-
-def wait(futures, stop):
-    """Wait for every future, woken twice a second to see a stop signal: False if one came."""
-    while not stop and concurrent.futures.wait(futures, timeout=0.5).not_done:
-        pass
-    return not stop
-
-
-def judged(pending, stop, world=1, max_fail_frac=0.5):
-    """Step 3's end, every rank together: wait for this rank's (story, future) pairs, give each
-    story its result, and agree over the ranks whether to go on. Returns (stopping, why): a stop
-    signal on any rank, or the reason no update may follow (a failure no retry fixes, or more than
-    max_fail_frac of the step's stories unscored, with the reasons counted over the ranks)."""
-    if wait([f for _, f in pending], stop):
-        for story, future in pending:
-            story.judged = future.result()
-    mine = dict(asked=len(pending), fatal=sum(not stop and s.judged["fatal"] for s, _ in pending), stop=len(stop),
-                errors=collections.Counter(s.judged["error"] for s, _ in pending if not stop and s.judged["error"]))
-    health = [mine]
-    if world > 1:
-        import torch.distributed as dist
-        health = [None] * world
-        dist.all_gather_object(health, mine)
-    asked, fatal, stopping = (sum(h[k] for h in health) for k in ("asked", "fatal", "stop"))
-    errors = sum((h["errors"] for h in health), collections.Counter())
-    if stopping or not (fatal or errors.total() > max_fail_frac * asked):
-        return bool(stopping), None
-    why = "a judge failure that no retry can fix" if fatal else f"{errors.total()} of {asked} stories could not be " \
-        f"scored (judge_max_fail_frac={max_fail_frac})"
-    return False, f"{why}; stopped before the update and checkpoint. Reasons: " + "; ".join(
-        f"{n} x {e}" for e, n in errors.most_common(5))
-
-
-def stop(judge, message):
-    """Ctrl-C or SIGTERM in a script: cancel the judge's queued work and end the process now,
-    with one line and no traceback. os._exit, because a normal exit waits for every request in
-    flight, and one waiting on a silent server would hold the process for up to judge_timeout."""
-    if judge:
-        judge.cancel()
-    sys.stdout.flush()
-    print(message, file=sys.stderr, flush=True)
-    os._exit(130)
-
-
-def main():
-    """python judge.py serve | score: the local judge on a port, or a data file scored."""
-    import collections
-    import signal
-    import threading
-
-    import judge as judge_lib
-    import preflight
-    from configurator import check_ranges, configure
-    if len(sys.argv) < 2 or sys.argv[1] not in ("serve", "score"):
-        sys.exit(judge_lib.__doc__)
-    command = sys.argv[1]
-    c = dict(
-        port=8000,  # serve: port on 127.0.0.1
-        latency=0.0,  # serve: seconds added to each reply, standing in for a remote API
-        data="data/sample/heldout.jsonl",  # score: JSONL rows {id, prompt, target_words, story}
-        out="out/scores.jsonl",  # score: rows with scores, SQ, length ratio, reward, error
-        **DEFAULTS,
-    )
-    configure(c, sys.argv[2:])
-    check_ranges(c, RANGES)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the run like Ctrl-C
-    if command == "serve":
-        from local_judge import serve_local
-        server, url = serve_local(c["port"], latency=c["latency"])
-        print(f"polaris local judge at {url}/chat/completions (a heuristic stand-in, not a quality judge)", flush=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            server.shutdown()
-        sys.exit(0)
-    try:
-        rows = preflight.load_rows(c["data"], max_words=None, allow_empty=True, special_tokens=())  # generations
-        judge = judge_lib.judge_from_config(c, cache_dir=c["judge_cache"] or None)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    try:
-        results, used = score(judge, rows, progress=True)
-    except KeyboardInterrupt:
-        stop(judge, f"interrupted: queued judge requests cancelled, {c['out']} not written")
-    judge.close()
-    os.makedirs(os.path.dirname(os.path.abspath(c["out"])), exist_ok=True)
-    tmp = c["out"] + ".tmp"
-    with open(tmp, "w") as f:
-        for row, res in zip(rows, results):
-            f.write(json.dumps(dict(row, **res)) + "\n")
-    os.replace(tmp, c["out"])  # never a half-written output file
-    sqs = [r["sq"] for r in results if not math.isnan(r["sq"])]
-    print(f"{used['n']} stories | mean SQ {f'{sum(sqs) / len(sqs):.1f}' if sqs else 'n/a'} | failures {used['failures']} | "
-          f"tokens {used['tokens_in']} in, {used['tokens_out']} out | cost ${used['cost']:.4f} | "
-          f"cache hits {used['cached']} | wrote {c['out']}"
-          + (f"\n{used['unpriced']} replies came without usable token counts: their cost is unknown" if used["unpriced"] else ""))
-    if not sqs:  # a judge that scored nothing is an error, whatever the reasons
-        reasons = collections.Counter(r["error"] for r in results if r["error"])
-        sys.exit("error: no story was scored: " + "; ".join(f"{n} x {e}" for e, n in reasons.most_common(5)))

@@ -9,8 +9,9 @@ rubric dimensions and written in exactly the format a real judge is asked for, s
 parser runs. Pairwise prompts get a pairwise verdict.
 
 It is NOT a judge of quality: it rewards fluent, varied, non-repetitive text that looks like
-the sample stories, and nothing deeper. Start it with `python judge.py serve --port=8000`, or
-in-process with judge_url='local'.
+the sample stories, and nothing deeper. It runs as a server of its own, reached over HTTP like any
+judge: `python judge.py serve --port=8000` (which runs this file), or judge_url='local', which
+starts one for the client's process and ends it with that process.
 """
 import hashlib
 import json
@@ -204,3 +205,20 @@ def serve_local(port=0, host="127.0.0.1", latency=0.0):
     server = _Server((host, port), type("Handler", (_LocalHandler,), dict(latency=latency)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://{host}:{server.server_address[1]}/v1"
+
+
+if __name__ == "__main__":
+    from configurator import configure
+    port = 8000  # on 127.0.0.1; 0: any free one
+    latency = 0.0  # seconds added to each reply, standing in for a remote API's round trip
+    parent = 0  # a process id: the server ends when that process does (judge_url='local' sets it)
+    configure(globals())
+    server, url = serve_local(port, latency=latency)
+    print(f"polaris local judge at {url}/chat/completions (a heuristic stand-in, not a quality "
+          "judge)", flush=True)
+    try:
+        while not parent or os.getppid() == parent:  # a parent that died leaves this to init
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    server.shutdown()

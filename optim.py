@@ -4,9 +4,9 @@ fp32. The bf16 weights stay replicated; each parameter has one owner rank, which
 fp32 gradient sum, fp32 master weight and moments, updates it and broadcasts the new weight.
 
     opt = ShardedAdamW(params, world_size, rank)   # registers a hook on every parameter
-    loss.backward()                                # per micro-batch: each gradient goes to its owner
-    norm = opt.grad_norm()                         # of the gradient summed over ranks and micro-batches
-    opt.step(lr, clip_coef)                        # AdamW on the owned shard, then the owners broadcast
+    loss.backward()               # per micro-batch: each gradient goes to its owner
+    norm = opt.grad_norm()        # of the gradient summed over ranks and micro-batches
+    opt.step(lr, clip_coef)       # AdamW on the owned shard, then the owners broadcast
 
 Every rank must run as many backward passes: the hooks' collectives match one for one. Why fp32
 sums, and what they cost per A100 at 9B: docs/code.md.
@@ -23,7 +23,7 @@ class ShardedAdamW:
                  piece_numel=2 ** 26):
         self.params, self.world, self.rank = list(params), world_size, rank
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
-        self.piece_numel = piece_numel  # fp32 temporaries stay small even for the 1B-element embedding
+        self.piece_numel = piece_numel  # fp32 temporaries stay small, even for the embedding
         # each parameter to the least-loaded rank, largest first: shards of nearly equal size
         self.owner, load = [0] * len(self.params), [0] * world_size
         for i in sorted(range(len(self.params)), key=lambda i: -self.params[i].numel()):
@@ -33,7 +33,7 @@ class ShardedAdamW:
         self.master = {i: self.params[i].detach().float().clone() for i in self.mine}
         self.exp_avg = {i: torch.zeros_like(self.master[i]) for i in self.mine}
         self.exp_avg_sq = {i: torch.zeros_like(self.master[i]) for i in self.mine}
-        self.grad = {i: torch.zeros_like(self.master[i]) for i in self.mine}  # the fp32 gradient sum
+        self.grad = {i: torch.zeros_like(self.master[i]) for i in self.mine}  # fp32 gradient sums
         self.t = 0
         for i, p in enumerate(self.params):
             p.register_post_accumulate_grad_hook(lambda p, i=i: self._reduce(i, p))
@@ -43,13 +43,13 @@ class ShardedAdamW:
 
     def _reduce(self, i, p):
         """Autograd calls this as soon as p's gradient for the micro-batch is complete."""
-        sums = self._pieces(self.grad[i]) if i in self.grad else None
+        owned = self._pieces(self.grad[i]) if i in self.grad else None  # the owner's fp32 sum
         for k, g in enumerate(self._pieces(p.grad)):
             g = g.float()
             if self.world > 1:
-                dist.reduce(g, dst=self.owner[i])  # this piece summed over ranks, in fp32, at its owner
-            if sums:
-                sums[k].add_(g)
+                dist.reduce(g, dst=self.owner[i])  # summed over ranks, in fp32, at its owner
+            if owned:
+                owned[k].add_(g)
         p.grad = None  # freed on every rank: only the owner's fp32 sum remains
 
     def grad_norm(self):
@@ -67,13 +67,13 @@ class ShardedAdamW:
         self.t += 1
         b1, b2 = self.betas
         for i in self.mine:
-            for g, w, m, v, p in zip(*map(self._pieces, (self.grad[i], self.master[i], self.exp_avg[i],
-                                                          self.exp_avg_sq[i], self.params[i].data))):
+            state = (self.grad[i], self.master[i], self.exp_avg[i], self.exp_avg_sq[i])
+            for g, w, m, v, p in zip(*map(self._pieces, state + (self.params[i].data,))):
                 g.mul_(clip_coef)
                 m.mul_(b1).add_(g, alpha=1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = (v / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
-                w.mul_(1 - lr * self.weight_decay).addcdiv_(m, denom, value=-lr / (1 - b1 ** self.t))
+                rms = (v / (1 - b2 ** self.t)).sqrt_().add_(self.eps)  # of the bias-corrected v
+                w.mul_(1 - lr * self.weight_decay).addcdiv_(m, rms, value=-lr / (1 - b1 ** self.t))
                 p.copy_(w)
         self.zero_grad()
         self._broadcast()
@@ -81,18 +81,19 @@ class ShardedAdamW:
     def _broadcast(self):
         if self.world > 1:  # one broadcast per tensor: simple, and small next to generation time
             for i, p in enumerate(self.params):
-                dist.broadcast(p.data, src=self.owner[i])  # the owner's new bf16 weights to every rank
+                dist.broadcast(p.data, src=self.owner[i])  # the owner's new weights to every rank
 
     def zero_grad(self):
         for g in self.grad.values():
             g.zero_()
 
     def state_dict(self):
-        return dict(master=self.master, exp_avg=self.exp_avg, exp_avg_sq=self.exp_avg_sq, adam_t=self.t)
+        return dict(master=self.master, exp_avg=self.exp_avg, exp_avg_sq=self.exp_avg_sq,
+                    adam_t=self.t)
 
     def load_state_dict(self, shards):
-        """shards: every saving rank's state_dict(), whatever its world size: each rank takes what it
-        owns now, and sets the weights from the fp32 masters (a checkpoint may hold them rounded)."""
+        """shards: every saving rank's state_dict(), whatever its world size: each rank takes
+        what it owns now, and sets the weights from the fp32 masters (a checkpoint's are bf16)."""
         for name in ("master", "exp_avg", "exp_avg_sq"):
             setattr(self, name, {i: s[name][i].to(self.params[i].device, copy=True)
                                  for s in shards for i in self.mine if i in s[name]})

@@ -67,20 +67,21 @@ _FILLERS = set("\u115f\u1160\u2800\u3164\uffa0")  # letters and symbols that dra
 def is_blank(text):
     """True for a text that shows nothing: only whitespace and invisible characters (zero-width
     spaces and joiners, byte-order marks, other format or control characters, blank fillers).
-    Such a story counts as empty everywhere: it is never judged, trained on as a story, or written."""
-    return all(c.isspace() or c in _FILLERS or unicodedata.category(c) in ("Cf", "Cc") for c in text or "")
+    Such a story counts as empty everywhere: it is never judged, trained on, or written as one."""
+    return all(c.isspace() or c in _FILLERS or unicodedata.category(c) in ("Cf", "Cc")
+               for c in text or "")
 
 
 def length_score(words, target_words):
-    """1 inside LENGTH_BAND, falling linearly in |log ratio| to 0 at LENGTH_ZERO."""
-    r = words / target_words
+    """1 inside LENGTH_BAND, falling linearly in |log(words / target)| to 0 at LENGTH_ZERO."""
+    length_ratio = words / target_words
     (lo, hi), (zlo, zhi) = LENGTH_BAND, LENGTH_ZERO
-    if r <= zlo or r >= zhi:
+    if length_ratio <= zlo or length_ratio >= zhi:
         return 0.0
-    if r < lo:
-        return math.log(r / zlo) / math.log(lo / zlo)
-    if r > hi:
-        return math.log(zhi / r) / math.log(zhi / hi)
+    if length_ratio < lo:
+        return math.log(length_ratio / zlo) / math.log(lo / zlo)
+    if length_ratio > hi:
+        return math.log(zhi / length_ratio) / math.log(zhi / hi)
     return 1.0
 
 
@@ -90,12 +91,21 @@ def min_reward(length_weight):
 
 
 def reward(scores, story, target_words, length_weight):
-    """Everything the trainer and the evaluation need about one judged story."""
+    """Everything the trainer and the evaluation need about one judged story ('ratio' is its
+    length ratio, words / target_words: the key the logs keep)."""
     words = count_words(story)
     sq = story_quality(scores)
     ls = length_score(words, target_words)
     return dict(sq=sq, words=words, ratio=words / target_words, length_score=ls,
                 reward=sq - length_weight * (1.0 - ls))
+
+# the requested-length buckets of the evaluation (the card's table): 4,000 words is still in
+# distribution, 4,001 near OOD, 8,001 far OOD
+BUCKETS = [("ID 1-4k", 4000), ("near OOD 4-8k", 8000), ("far OOD 8-12k", math.inf)]
+
+
+def bucket(target_words):
+    return next(name for name, top in BUCKETS if target_words <= top)
 
 # -----------------------------------------------------------------------------
 # the judge's prompts
@@ -157,7 +167,8 @@ in this order and this format, and nothing after them:
 # parsing the judge's replies
 
 _LEAD = re.compile(r"^\s*(?:[-*+>•]|\d+[.)])\s+")  # list bullets and numbering
-_LINE = re.compile(r"^([a-z][a-z &/'-]*?)\s*[:=]\s*(n/?a|[+-]?\d+(?:\.\d+)?|[ab])\s*(/\s*10)?\s*[.;,]?\s*$")
+_LINE = re.compile(r"^([a-z][a-z &/'-]*?)\s*[:=]\s*"  # a name, then its value
+                   r"(n/?a|[+-]?\d+(?:\.\d+)?|[ab])\s*(/\s*10)?\s*[.;,]?\s*$")
 
 
 def _key(name):
@@ -168,9 +179,9 @@ _KEYS = {_key(n): n for n in NAMES + ["Overall"]}
 
 
 def reply_lines(text):
-    """(name, value, has '/10') for every line shaped like `Name: value`, markdown stripped. Only what follows
-    the last </think> counts, nothing from an unclosed <think> on: a reasoning judge served without
-    a reasoning parser puts its thinking, draft scores included, in the reply."""
+    """(name, value, has '/10') for every line shaped like `Name: value`, markdown stripped. Only
+    what follows the last </think> counts, nothing from an unclosed <think> on: a reasoning judge
+    served without a reasoning parser puts its thinking, draft scores included, in the reply."""
     text = text.rsplit("</think>", 1)[-1].split("<think>", 1)[0]
     for raw in text.splitlines():
         line = re.sub(r"[*_`#]", "", raw).strip()

@@ -40,12 +40,11 @@ CHAT_TEMPLATE = """{%- set ns = namespace(last_user=-1) %}
 {%- endif %}"""
 
 
-def build_tiny(data_files, vocab_size=1024, hidden=64, layers=4, seed=0):
-    """A tiny Qwen3.5-architecture model (3 linear-attention layers to 1 full-attention layer,
-    like the 9B) with random weights, and a byte-level BPE tokenizer trained on the project's
-    own text with a Qwen-style chat template. Nothing is downloaded."""
+def tokenizer(data_files, vocab_size=1024):
+    """A byte-level BPE trained on the prompts and stories of data_files, with a Qwen-style chat
+    template and Qwen's special tokens. Nothing is downloaded."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3_5TextConfig
+    from transformers import PreTrainedTokenizerFast
     texts = []
     for path in data_files:
         for line in open(path, encoding="utf-8"):
@@ -62,12 +61,29 @@ def build_tiny(data_files, vocab_size=1024, hidden=64, layers=4, seed=0):
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def config(tok, hidden=64, layers=4):
+    """A tiny Qwen3.5-architecture config: 3 linear-attention layers to 1 full-attention layer, like the 9B."""
+    from transformers import Qwen3_5TextConfig
     heads = max(1, hidden // 16)
-    config = Qwen3_5TextConfig(
+    return Qwen3_5TextConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=16,
         linear_num_key_heads=max(1, heads // 2), linear_num_value_heads=heads, linear_key_head_dim=16,
         linear_value_head_dim=16, max_position_embeddings=8192, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
+
+
+def model(model_config, seed=0):
+    """Random weights, the same for the same seed."""
+    from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32), tok
+    return AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+
+
+def build_tiny(data_files, vocab_size=1024, hidden=64, layers=4, seed=0):
+    """The tiny model and its tokenizer (the tests' shortcut)."""
+    tok = tokenizer(data_files, vocab_size)
+    return model(config(tok, hidden, layers), seed), tok

@@ -28,8 +28,22 @@ src = ""  # folder of .txt stories
 out_dir = "data/mine"
 max_ref_words = 4000
 heldout_percent = 10  # share of stories held out for evaluation, chosen by a hash of the file name
-globals().update(judge_lib.DEFAULTS)  # judge_url (the LLM that writes the premises), judge_model, ...
+# the LLM that writes the premises (judge.py's client and settings)
+judge_url = "local"  # base URL ending in /v1, or 'local' for the built-in heuristic stand-in
+judge_model = "polaris-local"
+judge_key_env = ""  # the NAME of the environment variable holding the API key
+judge_workers = 16  # requests in flight at once
+judge_timeout = 300.0  # seconds for one request: connecting, headers and body
+judge_retries = 6  # on 429, 5xx, timeouts and bodies cut on the wire
 judge_reasks = 0  # a premise is free text: nothing to re-ask about
+judge_backoff_max = 60.0  # the longest wait between retries
+judge_extra = {}  # passed through in the body
+judge_max_tokens = 8192  # the reply's cap (0: none)
+judge_max_reply_bytes = 1_000_000  # a larger reply body is a failure
+judge_price_in = 0.0  # dollars per million tokens in
+judge_price_out = 0.0  # dollars per million tokens out
+judge_cache = "out/judge_cache"  # '' to disable
+length_weight = 25.0  # unused here: the client takes it
 c = configure(globals())
 check_ranges(c, dict(judge_lib.RANGES, max_ref_words=">= 1", heldout_percent="[0, 100]"))
 
@@ -76,7 +90,7 @@ for name in names:
         kept.append(dict(id=name[:-4], story=story, words=words))
 
 try:
-    judge = judge_lib.judge_from_config(c, cache_dir=c["judge_cache"] or None)
+    judge = judge_lib.from_config(c, cache_dir=c["judge_cache"] or None)
 except ValueError as e:
     sys.exit(f"error: {e}")
 futures = [judge.pool.submit(judge.chat, [dict(role="user", content=PREMISE_PROMPT.format(

@@ -100,8 +100,8 @@ def test_help_lists_every_setting_with_its_default_config_value_and_comment():
     lines = p.stdout.splitlines()
     assert "# I/O" in lines and "# judge" in lines, "grouped as in the source"
     assert "  --learning_rate=1e-06 -> 0.01 (config/tiny.py:15)" in lines, "the default and what the config file sets"
-    assert any(l.startswith("  --keep_last=3  # checkpoints kept on disk") for l in lines), "and the source's comment"
+    assert any(l.startswith("  --keep_last=3  # complete checkpoints kept on disk") for l in lines), "and its comment"
     assert "  --eval_judge_model=None" in p.stdout and "set outside" not in p.stdout, "every setting a line of its own"
-    for script in ("bench.py",):
+    for script in ("eval.py", "judge.py", "bench.py"):
         p = subprocess.run([sys.executable, script, "-h"], capture_output=True, text=True, timeout=60)
         assert p.returncode == 0 and "  --out=" in p.stdout and "set outside" not in p.stdout, p.stdout[-2000:]

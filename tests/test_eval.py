@@ -11,6 +11,7 @@ import pytest
 
 import eval as ev
 import jsonl
+import data
 import preflight
 import tiny
 from local_judge import serve_local
@@ -185,7 +186,7 @@ def test_prepare_builds_training_data(tmp_path):
         assert r["story"] == original["story"], "whitespace normalised back to the original paragraphs"
         assert r["target_words"] % 100 == 0 and r["prompt"].startswith(f"Write a {r['target_words']}-word story about ")
     import rubric
-    preflight.load_rows(out / "train.jsonl")  # train.py's loader accepts it
+    data.load_rows(out / "train.jsonl")  # train.py's loader accepts it
     p2 = subprocess.run([sys.executable, "data/prepare.py", f"--src={src}", f"--out_dir={tmp_path}/again",
                          "--heldout_percent=25", f"--judge_cache={tmp_path}/cache"], **SUB)
     assert p2.returncode == 0, p2.stderr

@@ -217,7 +217,7 @@ def test_concurrency_matches_workers(server):
     n, workers, latency = 24, 8, 0.2
     s = server(latency=latency)
     j = make_judge(s.url, workers=workers)
-    results, used = judge_http.score(j, [dict(prompt=PROMPT, target_words=300, story=f"{STORY}\n\nVariant {i}.") for i in range(n)])
+    results, used = judge.score(j, [dict(prompt=PROMPT, target_words=300, story=f"{STORY}\n\nVariant {i}.") for i in range(n)])
     j.close()
     assert used["n"] == n and used["failures"] == 0, "all scored"
     # the server counts requests in flight at once: no clock, so no flakiness on a busy machine;
@@ -230,10 +230,10 @@ def test_cache_hit_makes_no_http_call_and_costs_nothing(server, tmp_path):
     s = server()
     rows = [dict(prompt=PROMPT, target_words=300, story=STORY)]
     j = make_judge(s.url, cache_dir=str(tmp_path), price_in=2.0, price_out=10.0)
-    first, used1 = judge_http.score(j, rows)
+    first, used1 = judge.score(j, rows)
     j.close()
     j = make_judge(s.url, cache_dir=str(tmp_path), price_in=2.0, price_out=10.0)
-    second, used2 = judge_http.score(j, rows)
+    second, used2 = judge.score(j, rows)
     j.close()
     assert len(s.requests) == 1, "the second run must be answered from the disk cache"
     assert used1["cost"] == pytest.approx((1000 * 2.0 + 200 * 10.0) / 1e6), "cost from usage and prices"
@@ -280,7 +280,7 @@ def test_local_judge_prefers_real_stories():
         paras = r["story"].split("\n\n")
         variants += [r, dict(r, story=" ".join(words)), dict(r, story="\n\n".join(paras[:1] + [paras[1]] * 5 + paras[2:]))]
     j = judge.Judge("local", "polaris-local")  # starts the local server in-process, real HTTP
-    results, used = judge_http.score(j, variants)
+    results, used = judge.score(j, variants)
     j.close()
     assert used["failures"] == 0, "the local judge's replies must parse"
     for i, r in enumerate(rows):
@@ -299,7 +299,7 @@ def test_cli_serve_and_score_as_the_usage_says(tmp_path):
     proc = subprocess.Popen([sys.executable, *serve], stdout=subprocess.PIPE, text=True)
     try:
         lines = [proc.stdout.readline() for _ in range(2)]  # the configurator's override line, then the address
-        assert "local judge at" in lines[1], f"serve announces its address: {lines}"
+        assert "local judge at" in lines[1] and lines[0] == f"override: port = {port}\n", f"its address: {lines}"
         r = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions",
                           json={"model": "x", "messages": [{"role": "user", "content": "Once upon a time."}]}, timeout=10)
         scores, err = rubric.parse_scores(r.json()["choices"][0]["message"]["content"])
@@ -360,12 +360,12 @@ def test_wrongly_shaped_cache_entry_is_asked_again(server, tmp_path):
     s = server()
     rows = [dict(prompt=PROMPT, target_words=300, story=STORY)]
     j = make_judge(s.url, cache_dir=str(tmp_path))
-    judge_http.score(j, rows)
+    judge.score(j, rows)
     j.close()
     [entry] = tmp_path.rglob("*.json")
     entry.write_text(json.dumps({"content": 7, "usage": []}))  # valid JSON, wrong shape
     j = make_judge(s.url, cache_dir=str(tmp_path))
-    results, used = judge_http.score(j, rows)
+    results, used = judge.score(j, rows)
     j.close()
     assert len(s.requests) == 2 and used["failures"] == 0 and used["cached"] == 0, "the bad entry was asked again"
     assert json.loads(entry.read_text())["content"].startswith("Analysis"), "and overwritten"
@@ -431,7 +431,7 @@ def test_cache_is_per_judge_url_and_identical_requests_are_sent_once(server, tmp
     scored = []
     for s in (first, second):
         j = make_judge(s.url, cache_dir=str(tmp_path))
-        scored.append(judge_http.score(j, rows)[0][0])
+        scored.append(judge.score(j, rows)[0][0])
         j.close()
     assert len(second.requests) == 1 and scored[1]["cached"] == 0, "the second judge asks its own server"
     assert scored[1]["scores"] == dict.fromkeys(rubric.NAMES, 1.0) != scored[0]["scores"], "its own scores"
@@ -442,7 +442,7 @@ def test_cache_is_per_judge_url_and_identical_requests_are_sent_once(server, tmp
     # the same story twice at once (a group's two identical samples): one request, one cost
     s = server(latency=1.0)
     j = make_judge(s.url, price_in=2.0, price_out=10.0)
-    results, used = judge_http.score(j, rows * 2)
+    results, used = judge.score(j, rows * 2)
     j.close()
     assert len(s.requests) == 1, f"identical requests in flight are sent once, not {len(s.requests)} times"
     assert results[0]["scores"] == results[1]["scores"] and used["failures"] == 0, "both get the one answer"
@@ -497,7 +497,7 @@ def test_a_failure_is_never_cached(server, tmp_path, script):
 def test_malformed_usage_is_an_unknown_cost(server, used):
     s = server([("completion", dict(usage=used))])
     j = make_judge(s.url, price_in=2.0, price_out=10.0)
-    results, total = judge_http.score(j, [dict(prompt=PROMPT, target_words=300, story=STORY)])
+    results, total = judge.score(j, [dict(prompt=PROMPT, target_words=300, story=STORY)])
     j.close()
     assert results[0]["error"] is None and total["unpriced"] == 1, f"scored, its cost unknown: {results[0]}"
     assert math.isfinite(total["cost"]) and total["cost"] >= 0 and total["tokens_in"] >= 0, f"no NaN or negative cost: {total}"
@@ -576,7 +576,7 @@ def test_a_cache_that_cannot_be_written_is_a_warning(server, tmp_path, capsys):
     blocked = tmp_path / "cache"
     blocked.write_text("a file where the cache's folder should be")  # as a full disk, every write fails
     j = make_judge(s.url, cache_dir=str(blocked))
-    results, used = judge_http.score(j, [dict(prompt=PROMPT, target_words=300, story=f"{STORY}\n\nVariant {i}.") for i in range(3)])
+    results, used = judge.score(j, [dict(prompt=PROMPT, target_words=300, story=f"{STORY}\n\nVariant {i}.") for i in range(3)])
     j.close()
     assert used["failures"] == 0 and all(len(r["scores"]) == 16 for r in results), "the stories are scored"
     assert capsys.readouterr().err.count("warning: the judge cache cannot be written") == 1, "said once"

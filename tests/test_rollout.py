@@ -45,7 +45,7 @@ def _batch():
 @pytest.mark.parametrize("norm, denom", [("token", 9.0), ("seq", 3.0), ("constant", 3.0 * 8)])
 def test_loss_normalisations_and_ratio_one_gradient(norm, denom):
     logp, mask, adv = _batch()
-    loss = rollout.grpo_loss(logp, logp.detach(), adv, mask, norm, denom).sum()
+    loss = rollout.grpo_loss(logp, logp.detach(), adv, mask, denom, loss_norm=norm).sum()
     per_seq = -(adv[:, None] * mask).sum(1)  # ratio is 1: each token contributes -A
     expected = (per_seq / mask.sum(1)).sum() / denom if norm == "seq" else per_seq.sum() / denom
     assert torch.allclose(loss, expected), f"{norm}: {loss.item()} != {expected.item()}"
@@ -58,7 +58,7 @@ def test_policy_shaping_gradient_matches_luffy():
     logp, mask, adv = _batch()
     logp = (logp.detach() - 2).requires_grad_()  # p = exp(logp) spread over (0, 1)
     shaped, gamma = torch.tensor([False, True, True]), 0.1
-    per_seq = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0, is_ref=shaped, gamma=gamma)
+    per_seq = rollout.grpo_loss(logp, logp.detach(), adv, mask, 9.0, is_ref=shaped, gamma=gamma)
     per_seq.sum().backward()
     p = logp.detach().exp()
     expect = -adv[:, None] * mask / 9.0  # -A * grad log p for the sampled story
@@ -72,7 +72,7 @@ def test_policy_shaping_gradient_matches_luffy():
 def test_clipping_acts_only_off_policy():
     logp, mask, adv = _batch()
     old = logp.detach() - 0.5  # ratio e^0.5 = 1.65 > 1 + 0.28 for every token
-    loss = rollout.grpo_loss(logp, old, adv, mask, "token", 9.0, 0.2, 0.28).sum()
+    loss = rollout.grpo_loss(logp, old, adv, mask, 9.0, clip=(0.2, 0.28)).sum()
     loss.backward()
     assert torch.all(logp.grad[adv > 0] == 0), "positive advantage past 1 + clip_high: clipped, no gradient"
     assert torch.all(logp.grad[1][mask[1] > 0] != 0), "negative advantage is not clipped above"
@@ -80,9 +80,9 @@ def test_clipping_acts_only_off_policy():
 
 def test_kl_term_is_zero_at_the_reference_and_positive_elsewhere():
     logp, mask, adv = _batch()
-    base = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0).sum()
-    same = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0, kl_logp=logp.detach(), kl_coef=0.1).sum()
-    moved = rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0, kl_logp=logp.detach() - 1, kl_coef=0.1).sum()
+    base = rollout.grpo_loss(logp, logp.detach(), adv, mask, 9.0).sum()
+    same = rollout.grpo_loss(logp, logp.detach(), adv, mask, 9.0, kl_logp=logp.detach(), kl_coef=0.1).sum()
+    moved = rollout.grpo_loss(logp, logp.detach(), adv, mask, 9.0, kl_logp=logp.detach() - 1, kl_coef=0.1).sum()
     assert torch.allclose(base, same) and moved > base, "k3 KL: 0 at the reference, positive away from it"
 
 
@@ -179,7 +179,7 @@ def test_a_batch_samples_each_prompt_as_alone_and_reports_each_end(tiny):
     eos = list(range(8, len(tok), 7))  # one token in seven ends a story: stories of many lengths
     ended = []
     batch = rollout.sample(model, tok, prompts, [11, 12], n=3, eos=eos, max_new_tokens=30, temperature=0.9, top_p=0.95,
-                           top_k=50, on_done=lambda i, j, s: ended.append((i, j)))
+                           top_k=50, on_story=lambda i, j, s: ended.append((i, j)))
     alone = [rollout.sample(model, tok, [p], [sd], n=3, eos=eos, max_new_tokens=30, temperature=0.9, top_p=0.95,
                             top_k=50)[0] for p, sd in zip(prompts, (11, 12))]
     ids = lambda groups: [[s.completion_ids for s in g] for g in groups]
@@ -246,7 +246,7 @@ def test_sampled_tokens_carry_their_log_prob_under_the_sampling_distribution(tin
 def test_importance_weights_scale_the_sampled_tokens_gradient():
     logp, mask, adv = _batch()
     w = torch.tensor([[2.0, 0.5, 1.0, 1.0, 1.0], [1.0] * 5, [1.0, 0.25, 1.0, 1.0, 1.0]], dtype=torch.float64)
-    rollout.grpo_loss(logp, logp.detach(), adv, mask, "token", 9.0, is_weight=w).sum().backward()
+    rollout.grpo_loss(logp, logp.detach(), adv, mask, 9.0, is_weight=w).sum().backward()
     assert torch.allclose(logp.grad, -adv[:, None] * w * mask / 9.0), "the gradient is -w A grad log p, w detached"
 
 

@@ -6,7 +6,7 @@ import pytest
 
 import local_judge
 import eval as eval_lib
-import preflight
+import data
 import rubric
 
 GOOD = """Analysis: a tight, humane story with a well-placed ending.
@@ -138,13 +138,13 @@ def test_load_rows_names_every_bad_line(tmp_path):
              json.dumps(good | {"id": "e", "story": "w " * 4001}), json.dumps(good)]
     p.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError) as e:
-        preflight.load_rows(p)
+        data.load_rows(p)
     msg = str(e.value)
     for line, why in [(2, "invalid JSON"), (3, "missing field 'story'"), (4, "positive integer"),
                       (5, "empty story"), (6, "over max_ref_words=4000"), (7, "duplicate id")]:
         reported = [m for m in msg.splitlines() if f"{p}:{line}: " in m]
         assert reported and why in reported[0], f"line {line} ({why}) not reported in:\n{msg}"
-    rows = preflight.load_rows(p, skip_bad=True)
+    rows = data.load_rows(p, skip_bad=True)
     assert [r["id"] for r in rows] == ["a"], "skip_bad keeps only the good rows"
 
 
@@ -163,13 +163,13 @@ def test_rows_that_cannot_be_rendered_are_named(tmp_path, line, why):
     p = tmp_path / "rows.jsonl"
     p.write_bytes(b'{"id": "ok", "prompt": "Write a story.", "target_words": 10, "story": "Fine."}\n' + line + b"\n")
     with pytest.raises(ValueError) as e:  # the tokenizer's own special tokens join the chat markers
-        preflight.load_rows(p, special_tokens=preflight.CHAT_MARKERS + ("<|vision_start|>",))
+        data.load_rows(p, special_tokens=data.CHAT_MARKERS + ("<|vision_start|>",))
     assert f"{p}:2: " in str(e.value) and why in str(e.value), str(e.value)
 
 
 def test_sample_data_is_valid():
     for name in ("train", "heldout"):
-        rows = preflight.load_rows(f"data/sample/{name}.jsonl")
+        rows = data.load_rows(f"data/sample/{name}.jsonl")
         for r in rows:
             n = rubric.count_words(r["story"])
             assert 150 <= n <= 800, f"{r['id']}: {n} words"
@@ -179,10 +179,10 @@ def test_sample_data_is_valid():
 
 def test_target_words_has_an_upper_bound(tmp_path):
     p = tmp_path / "rows.jsonl"
-    row = dict(id="a", prompt="Write a story.", target_words=preflight.MAX_TARGET_WORDS, story="Fine.")
+    row = dict(id="a", prompt="Write a story.", target_words=data.MAX_TARGET_WORDS, story="Fine.")
     p.write_text(json.dumps(row) + "\n" + json.dumps(dict(row, id="b", target_words=10**9)) + "\n")
     with pytest.raises(ValueError, match=f"{p}:2: target_words must be a positive integer up to 100000, got 1000000000"):
-        preflight.load_rows(p)
+        data.load_rows(p)
 
 
 def test_text_without_spaces_is_warned_about_once_per_file(tmp_path, capsys):
@@ -191,8 +191,8 @@ def test_text_without_spaces_is_warned_about_once_per_file(tmp_path, capsys):
         ["渡船在黎明前离开码头，雾很浓，船夫一句话也没有说。" * 30, "เรือข้ามฟากออกจากท่าก่อนรุ่งสาง หมอกหนามาก" * 20, "The ferry left."])]
     p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     assert rubric.count_words(rows[0]["story"]) == 1, "the Chinese story is one word to count_words"
-    preflight.load_rows(p)
+    data.load_rows(p)
     warnings = [l for l in capsys.readouterr().out.splitlines() if "warning" in l]
     assert len(warnings) == 1 and f"{p}: 2 stories" in warnings[0], f"one warning naming the file: {warnings}"
-    preflight.load_rows("data/sample/train.jsonl")
+    data.load_rows("data/sample/train.jsonl")
     assert "warning" not in capsys.readouterr().out, "English stories are counted by spaces without a warning"

@@ -226,10 +226,10 @@ def test_a_missing_data_file_is_named_before_anything_asks_the_hub(tmp_path):
 
 
 def test_a_lock_file_this_code_did_not_write_is_taken_over(tmp_path, capsys):
-    import preflight
+    import rundir
     for held in ("[]", "null", '{"pid": 1234567890123456789012345678901234567890, "host": "h"}', '{"pid": "x"}'):
         (tmp_path / "run.lock").write_text(held)
-        release = preflight.take_lock(str(tmp_path / "run.lock"), 120.0)
+        release = rundir.take_lock(str(tmp_path / "run.lock"), 120.0)
         assert json.load(open(tmp_path / "run.lock"))["pid"] == os.getpid(), f"{held}: taken over"
         assert f"taking over {tmp_path}/run.lock: it holds no lock this code wrote" in capsys.readouterr().out, held
         release()
