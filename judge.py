@@ -195,7 +195,7 @@ class Judge:
                 elif status in (301, 302, 303):  # re-sent as a GET (RFC 9110 allows it) it fails
                     moved = http.moved(status, url, head.get("Location"), self.url_setting)
                     raise JudgeFatal(http.redact(key, moved))
-                else:  # 400, 401, 403, 404: asking again will not help; a bad key fails them all
+                else:  # 400, 401, 404, ...: asking again will not help; 401/403/404 fail them all
                     text = f"HTTP {status} from {url}: {raw[:300].decode(errors='replace')}"
                     fatal = status in (401, 403, 404)
                     raise (JudgeFatal if fatal else JudgeError)(http.redact(key, text))

@@ -48,7 +48,7 @@ class ShardedAdamW:
             g = g.float()
             if self.world > 1:
                 dist.reduce(g, dst=self.owner[i])  # summed over ranks, in fp32, at its owner
-            if owned:
+            if owned is not None:
                 owned[k].add_(g)
         p.grad = None  # freed on every rank: only the owner's fp32 sum remains
 

@@ -1,8 +1,9 @@
 """
 Everything between the model and the loss, as plain functions: a group's stories (sampled, and
 the teacher-forced human reference), collation, chunked log-probs, advantages, the GRPO loss.
-Sequences are prompt + completion, right-padded; a (B, T-1) `mask` says which next-token
-predictions are trained, built from lengths, never from token ids (pad may equal eos).
+Training sequences are prompt + completion, right-padded (generation left-pads its prompts); a
+(B, T-1) `mask` says which next-token predictions are trained, built from lengths, never from
+token ids (pad may equal eos).
 Derivations: docs/code.md.
 """
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ def reference_story(tok, row, enable_thinking, eos, mask_think=True):
         raise ValueError("the chat template does not render the story as the answer to its prompt")
     pos, end = min(ends)
     cut = pos + len(end)  # the model never emits the newline the template puts after it
-    pre = tok(answer[:at], add_special_tokens=False).input_ids
+    pre = tok(answer[:at], add_special_tokens=False).input_ids  # Qwen: "<think>\n\n</think>\n\n"
     body = tok(answer[at:cut], add_special_tokens=False).input_ids
     mask = [int(not mask_think)] * len(pre) + [1] * len(body)
     head_ids = tok(head, add_special_tokens=False).input_ids
@@ -97,7 +98,8 @@ def split_thinking(text, enable_thinking, truncated):
 
 class RowSampler(LogitsProcessor):
     """The last logits processor: draws each row's token from softmax(scores) with the row's own
-    generator (a story depends on its seed, not its batch) and leaves only it for generate() to
+    generator (a story depends on its seed, not its batch, up to a batched forward's rounding) and
+    leaves only it for generate() to
     pick; records its log-prob under that distribution for the loss's importance weights."""
 
     def __init__(self, seeds, device):

@@ -44,7 +44,7 @@ def story_quality(scores):
     pos = [scores[n] for n in POSITIVE if scores.get(n) is not None]
     neg = [scores[n] for n in NEGATIVE if scores.get(n) is not None]
     if not pos or not neg:
-        return float("nan")  # the parser never lets this through; kept for hand-built dicts
+        return float("nan")  # a failed judgement (no scores): NaN, never a made-up number
     return 10.0 * (sum(pos) / len(pos) - sum(neg) / len(neg))
 
 # -----------------------------------------------------------------------------
@@ -67,7 +67,8 @@ _FILLERS = set("\u115f\u1160\u2800\u3164\uffa0")  # letters and symbols that dra
 def is_blank(text):
     """True for a text that shows nothing: only whitespace and invisible characters (zero-width
     spaces and joiners, byte-order marks, other format or control characters, blank fillers).
-    Such a story counts as empty everywhere: it is never judged, trained on, or written as one."""
+    Such a story counts as empty everywhere: never sent to the judge (the minimum reward), never
+    written by generation, refused as a data row."""
     return all(c.isspace() or c in _FILLERS or unicodedata.category(c) in ("Cf", "Cc")
                for c in text or "")
 

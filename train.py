@@ -75,7 +75,7 @@ device_memory_gb = 0.0  # 0: read from the GPU (no check on CPU)
 max_steps = 160
 batch_groups = 8  # prompts (groups) per step, shared out among the ranks
 group_size = 6  # stories per group, the human reference included
-n_ref = 1  # human references per group: 1 is HRI, 0 turns it off
+n_ref = 1  # human references per group: 1 is HRI, 0 turns it off (no other value)
 ref_reward = "judge"  # 'judge', or a fixed reward of the references such as '60'
 ref_mask_think = True  # the reference's empty thinking block is not trained
 learning_rate = 1e-6
@@ -433,7 +433,7 @@ for step in range(start_step + 1, max_steps + 1):  # step k makes the policy of 
     counts = torch.tensor([sum(sum(s.mask) for s in stories), len(stories)], dtype=torch.float64)
     if ddp:
         dist.all_reduce(counts)  # trained tokens and stories of the whole batch, every rank's
-    normaliser = counts[0].item()  # every token alike, whichever rank holds it
+    normaliser = counts[0].item()  # every token alike, whichever rank (a failed story's too: A = 0)
     if loss_norm != "token":  # loss_norm: 'seq' per story, 'constant' per story x max_new_tokens
         per_story = max_new_tokens if loss_norm == "constant" else 1  # loss_norm
         normaliser = counts[1].item() * per_story  # loss_norm
@@ -445,14 +445,16 @@ for step in range(start_step + 1, max_steps + 1):  # step k makes the policy of 
     n_micro = torch.tensor([len(micro)])
     if ddp:
         dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
-    tally["idle"] = idle = n_micro.item() - len(micro)
+    n_real = len(micro)
+    tally["idle"] = idle = n_micro.item() - n_real
     micro += [[min(stories, key=length)]] * idle
     old_logps = [None] * len(micro)  # pi_old: the policy itself, until an update (num_iterations)
     tally["lr"] = lr = learning_rate * min(1.0, step / max(1, warmup_steps))  # warmup, then flat
     for it in range(num_iterations):  # steps 5 and 6 once, on-policy; num_iterations > 1: again
         for k, mb in enumerate(micro):
             mb_stats, old_logps[k] = micro_batch_loss(mb, old_logps[k], normaliser,
-                                                      padding=k >= len(micro) - idle)
+                                                      padding=k >= n_real)
+            # the loss's parts averaged over the iterations; the other sums from the first
             tally.update({key: v / num_iterations for key, v in mb_stats.items() if "loss_" in key})
             tally.update({key: v for key, v in mb_stats.items() if it == 0 and "loss_" not in key})
 
