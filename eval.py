@@ -1001,7 +1001,7 @@ def annotate():
         return
     say_next(f"the same command continues where {annotator} stopped; once every annotator is done, the report",
              command("--task=report", *([f"--gens={','.join(files)}"] if drawn_from else []),
-                     f"--annotations={os.path.dirname(path)}",
+                     f"--annotations={os.path.join(os.path.dirname(study), 'annotations')}",
                      f"--out={report_path(files[0] if drawn_from else study)}"))
 
 

@@ -342,9 +342,9 @@ def prompt_details(anchor, summary, prompt, stories):
 
 def contents(groups):
     """A list of links, a line a group: groups [(heading, [(anchor, label)])]."""
-    return "<nav class=toc>" + "".join(f"<p><b>{esc(head)}</b>: " + " ".join(f"<a href='#{a}'>{esc(label)}</a>"
-                                                                          for a, label in links) + "</p>"
-                                       for head, links in groups if links) + "</nav>"
+    lines = [f"<p><b>{esc(head)}</b>: " + " ".join(f"<a href='#{a}'>{esc(label)}</a>" for a, label in links) + "</p>"
+             for head, links in groups if links]
+    return "<nav class=toc>" + "".join(lines) + "</nav>"
 
 # -----------------------------------------------------------------------------
 # the run viewer: a training run's charts and stories, read from its out_dir as it grows

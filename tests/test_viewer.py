@@ -192,7 +192,7 @@ def test_the_viewer_follows_a_run_from_before_it_starts(browser, tmp_path):
         assert any(re.search(r"step [01]$", h1) for _, h1 in seen), f"the page of a step before the last: {seen}"
         assert seen[-1][1].endswith("step 2") and page.locator("#status").inner_text() == "finished: all 2 steps", seen
         asked = len(w.requests)
-        time.sleep(4.5)
+        time.sleep(2.5)  # longer than the 2 s between two questions of a page that still follows
         assert len(w.requests) == asked and page.locator("script").count() == 0, "a finished run's page asks no more"
         colour = lambda css: page.locator(css).first.evaluate("e => getComputedStyle(e).backgroundColor")
         assert colour(".card.ref") == "rgb(255, 246, 220)" != colour(".card:not(.ref)"), "the human reference stands out"
