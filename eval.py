@@ -2,23 +2,26 @@
 Evaluation: the paper's tables for your checkpoints and for API models, the blinded human study,
 and the pages that show the stories.
 
-    # 1. stories for the 180 held-out prompts, from a checkpoint or any OpenAI-compatible endpoint
-    python eval.py --task=generate --model=out/tiny/ckpt_000060 --out=out/eval/tiny.jsonl
+    # 1. stories for the 180 held-out prompts, from a checkpoint (thinking as it was trained) or its
+    #    base, or any OpenAI-compatible endpoint; train.py's closing line prints the first two
+    python eval.py --task=generate --model=out/polaris/ckpt_000160 --name=polaris --out=out/eval/polaris.jsonl
+    python eval.py --task=generate --model=Qwen/Qwen3.5-9B --name=polaris-base --out=out/eval/polaris-base.jsonl
     python eval.py --task=generate --model=gpt-5.4 --api_url=https://api.openai.com/v1 \\
         --api_key_env=OPENAI_API_KEY --out=out/eval/gpt.jsonl
     # 2. Story Quality and length ratio by requested length (judge: config/eval.py, GPT-5.4)
-    python eval.py config/eval.py --task=score --gens=out/eval/tiny.jsonl,out/eval/base.jsonl
+    python eval.py config/eval.py --task=score --gens=out/eval/polaris.jsonl,out/eval/polaris-base.jsonl
     # 3. dual-position pairwise judging, win rates, Bradley-Terry Elo
-    python eval.py config/eval.py --task=pairwise --gens=out/eval/tiny.jsonl,out/eval/base.jsonl
-    python eval.py --task=elo --pairs=out/eval/pairs.jsonl --anchor=base:1000 --out=out/eval/ratings.json
+    python eval.py config/eval.py --task=pairwise --gens=out/eval/polaris.jsonl,out/eval/polaris-base.jsonl
+    python eval.py --task=elo --pairs=out/eval/pairs.jsonl --anchor=polaris-base:1000 --out=out/eval/ratings.json
     # 4. the human study: sampled once, then one annotation page per annotator
-    python eval.py --task=study --gens=out/eval/tiny.jsonl,out/eval/base.jsonl --n=60 --out=out/study/study.jsonl
+    python eval.py --task=study --gens=out/eval/polaris.jsonl,out/eval/polaris-base.jsonl --n=60 --out=out/study/study.jsonl
     python eval.py --task=annotate --study=out/study/study.jsonl --annotator=alice [--port=8800]
     # 5. the report: report.md and a self-contained report.html beside it
-    python eval.py --task=report --gens=out/eval/tiny.jsonl,out/eval/base.jsonl --annotations=out/study/annotations
-    # 6. a training run in the browser
-    python eval.py --task=rollouts --run=out/tiny [--port=8801]
+    python eval.py --task=report --gens=out/eval/polaris.jsonl,out/eval/polaris-base.jsonl --annotations=out/study/annotations
+    # 6. a training run in the browser, from before its first step
+    python eval.py --task=rollouts --run=out/polaris [--port=8801]
 
+Each task ends with a line of what it wrote and the next command, as it can be copied.
 Every output is JSONL written a row at a time and resumable: rows already there are skipped,
 and an interrupted run's half-written last line is dropped, never the rest of the file. An input
 is only read: a last line still being written is skipped with a warning, never removed.
@@ -29,9 +32,12 @@ so that tests can import them; the guard is the one difference from train.py's t
 import datetime
 import glob
 import hashlib
+import json
 import math
 import os
+import pathlib
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -608,11 +614,57 @@ def fail(msg):
     sys.exit(f"error: {redact_url(msg)}")
 
 
+def command(*args):
+    """A next command as it can be copied into a shell: this command's config files, args, then the
+    judge settings it was given (a key in a URL shown as ***: keys never reach a log)."""
+    configs = [a for a in sys.argv[1:] if not a.startswith("--")]
+    keys = judge_lib.SETTINGS + ("judge_cache", "length_weight")
+    judging = [a for a in sys.argv[1:] if a.startswith("--") and a[2:].split("=")[0] in keys]
+    return redact_url(" ".join(shlex.quote(a) for a in ["python", "eval.py", *configs, *args, *judging]))
+
+
+def say_next(what, *commands):
+    """A task's last line: what to do next, and the commands that do it, one a line."""
+    print(f"next: {what}:" + "".join(f"\n  {cmd}" for cmd in commands), flush=True)
+
+
+def judged_by():
+    local = c["judge_url"] == "local"
+    return "the local heuristic judge (config/eval.py after eval.py: GPT-5.4)" if local else c["judge_model"]
+
+
+def with_base(path):
+    """A generation file and its base's beside it, the trained model's first (NAME.jsonl and
+    NAME-base.jsonl, as train.py's closing line names them), or the file alone when the other is not there."""
+    stem = path[: -len(".jsonl")] if path.endswith(".jsonl") else path
+    both = [stem[: -len("-base")] + ".jsonl", path] if stem.endswith("-base") else [path, stem + "-base.jsonl"]
+    return both if all(os.path.isfile(f) for f in both) else [path]
+
+
+def report_path(first_input):
+    """Where a printed report command writes: beside its first input, named for it (tiny.report.md)."""
+    return (first_input[: -len(".jsonl")] if first_input.endswith(".jsonl") else first_input) + ".report.md"
+
+
+def trained_thinking(model):
+    """Whether a train.py checkpoint folder (its state.pt holds the run's settings) was trained with
+    thinking; True for any other model (a hub model, the tiny base), as Qwen3.5's template does."""
+    path = os.path.join(model, "state.pt")
+    if not os.path.isfile(path):
+        return True
+    import pickle
+
+    import torch
+    try:
+        return bool(torch.load(path, weights_only=False)["config"]["enable_thinking"])
+    except (OSError, RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as e:
+        fail(f"{path}: cannot read how the checkpoint was trained ({e}): give --enable_thinking=True or False")
+
+
 def generate():
     """Stories for the prompts file, from a checkpoint (one batched decode per --batch_size
     prompts) or an OpenAI-compatible endpoint; a generation without a story is never written."""
     global client
-    import rollout
     if not model or not out:
         fail("--task=generate needs --model and --out")
     rows = jsonl.read(prompts)
@@ -621,11 +673,24 @@ def generate():
         if r.get("id") in (None, "") or not r.get("prompt") or isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= data.MAX_TARGET_WORDS:
             fail(f"{prompts}: row {k} needs id, prompt and a positive integer target_words")
     rows = rows[:limit] if limit else rows
-    done = {r["id"] for r in jsonl.read(out, must_exist=False, repair=True)}
-    todo = [r for r in rows if r["id"] not in done]
     label = name or os.path.basename(model.rstrip("/"))
-    print(f"{len(rows) - len(todo)} of {len(rows)} prompts already in {out}; generating {len(todo)} with {label}")
+    there = jsonl.read(out, must_exist=False, repair=True)
+    others = sorted({str(r.get("model")) for r in there} - {label})
+    if others:  # one file, one model: its rows would be read as one model's in every table
+        fail(f"{out} holds the stories of {others[0]!r}, not of {label!r}: give {label} a file of its own (--out)")
+    done = {r["id"] for r in there}
+    todo = [r for r in rows if r["id"] not in done]
+    if not todo:  # no model is loaded for nothing
+        print(f"all {len(rows)} prompts already in {out}")
+        return say_generated(0)
+    thinking = enable_thinking
+    if thinking is None:  # as the checkpoint was trained; a hub model, a base or an API model thinks
+        thinking = True if api_url else trained_thinking(model)
+    as_trained = enable_thinking is None and not api_url and os.path.isfile(os.path.join(model, "state.pt"))
+    print(f"{len(rows) - len(todo)} of {len(rows)} prompts already in {out}; generating {len(todo)} with {label}, "
+          f"thinking {'on' if thinking else 'off'}{' as it was trained' if as_trained else ''}")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    import rollout  # torch: after the checks above, which need none
     from tqdm import tqdm
 
     def split_reply(reply):  # an API reply -> (thinking, story, finish reason)
@@ -645,7 +710,7 @@ def generate():
         # adds fields or replaces them one by one (None: not sent)
         fields = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                       presence_penalty=presence_penalty or None,
-                      chat_template_kwargs=dict(enable_thinking=enable_thinking))
+                      chat_template_kwargs=dict(enable_thinking=thinking))
         fields.update(api_extra)
         client = judge_lib.Judge(api_url, model, key_env=api_key_env, workers=c["judge_workers"],
                                  timeout=c["judge_timeout"], retries=c["judge_retries"], max_tokens=0,
@@ -657,8 +722,11 @@ def generate():
     else:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        import checkpoint
         preflight.check_sampling(repetition_penalty, presence_penalty)
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        checkpoint.quiet(device)  # on a CPU, Qwen3.5's CUDA-only kernels are no news
         lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype) if device == "cuda" else torch.float32).to(device)
         tok = AutoTokenizer.from_pretrained(model)
         eos = rollout.eos_ids(lm, tok)
@@ -677,10 +745,10 @@ def generate():
             results = [from_api(k) for k in range(i, i + len(batch))]
         else:  # one batched decode; each story depends on its prompt's seed alone, not on the batch
             samples = rollout.sample(
-                lm, tok, [rollout.render_prompt(tok, r["prompt"], enable_thinking) for r in batch],
+                lm, tok, [rollout.render_prompt(tok, r["prompt"], thinking) for r in batch],
                 seeds=[seed + index[r["id"]] for r in batch], n=1, eos=eos, max_new_tokens=max_new_tokens,
                 temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                presence_penalty=presence_penalty, enable_thinking=enable_thinking)
+                presence_penalty=presence_penalty, enable_thinking=thinking)
             results = [(s.thinking, s.text, "length" if s.truncated else "stop") for [s] in samples]
         for r, (thinking, story, finish) in zip(batch, results):
             if story is None or rubric.is_blank(story):  # never written as if it were a finished story
@@ -693,12 +761,21 @@ def generate():
                                     finish_reason=finish)], sync=True)
     if api_url:
         client.close()
+    say_generated(len(todo) - len(missed), missed)
     if missed:
         fail(f"{len(missed)} of {len(todo)} generations came back without a story and were not written: "
              + ", ".join(missed[:20]) + (" ..." if len(missed) > 20 else "") + ". A story cut off in its "
              "thinking needs a larger max_new_tokens, or --enable_thinking=False for a model that does not close its "
              "thinking (the tiny random model never does); an empty reply from a server, its reasoning settings. "
              "Run again to ask for these again")
+
+
+def say_generated(n, missed=()):
+    """generate's last lines: how many stories it wrote, and, when none is missing, the next command."""
+    print(f"wrote {n} stories to {out} ({len(jsonl.read(out, must_exist=False))} in all)")
+    if not missed:
+        say_next(f"Story Quality by requested length, judged by {judged_by()}",
+                 command("--task=score", "--gens=" + ",".join(with_base(out))))
 
 
 def score():
@@ -708,6 +785,7 @@ def score():
         fail("--task=score needs --gens=FILE[,FILE...]")
     gens_by_file = read_gens(gen_files)
     client = judge_lib.from_config(c, cache_dir=c["judge_cache"] or None)
+    wrote = []
     for f, (label, rows) in gens_by_file.items():
         done = {r["id"] for r in drop_failed(scores_path(f), lambda r: r.get("error") is not None)}
         todo = [r for r in rows if r["id"] not in done]
@@ -715,10 +793,22 @@ def score():
         results, used = judge_lib.score(client, todo, progress=True)
         jsonl.append(scores_path(f), [dict(id=r["id"], target_words=r["target_words"], model=label, **res)
                                       for r, res in zip(todo, results)], sync=True)
+        wrote.append(f"{len(todo)} scores to {scores_path(f)} ({len(jsonl.read(scores_path(f)))} in all)")
         print(f"  judge: {used['failures']} failures, {used['tokens_in'] + used['tokens_out']} tokens, ${used['cost']:.4f}"
               + (f" (+ the unknown cost of {used['unpriced']} replies without token counts)" if used["unpriced"] else ""))
     client.close()
     print(md_table(*quality_rows(quality_table(gen_files, n_boot))))
+    print("wrote " + ", ".join(wrote))
+    if len(gen_files) > 1:
+        say_next(f"each pair of models judged on each prompt, twice with the positions swapped, by {judged_by()}",
+                 command("--task=pairwise", f"--gens={gens}", *pairs_flag()))
+    else:
+        say_next("the report", command("--task=report", f"--gens={gens}", f"--out={report_path(gen_files[0])}"))
+
+
+def pairs_flag():
+    """--pairs=... for a next command, when this command's pairs file is not the default one."""
+    return [] if pairs == _PAIRS else [f"--pairs={pairs}"]
 
 
 def pairwise():
@@ -751,7 +841,21 @@ def pairwise():
                    second=r2["parsed"], error=r1["error"] or r2["error"])
         jsonl.append(pairs, [row], sync=True)
     client.close()
-    print(md_table(*win_rows(win_table(read_pairs(pairs), n_boot))))
+    every = read_pairs(pairs)
+    print(md_table(*win_rows(win_table(every, n_boot))))
+    print(f"wrote {len(jobs)} judged pairs to {pairs} ({len(every)} in all)")
+    report_cmd = command("--task=report", f"--gens={gens}", *pairs_flag(), f"--out={report_path(gen_files[0])}")
+    study_out = os.path.join(report_path(gen_files[0])[: -len(".report.md")] + "-study", "study.jsonl")
+    differ = [i for i in ids if len(gen_files) == 2 and by_file[gen_files[0]][i]["story"].split()
+              != by_file[gen_files[1]][i]["story"].split()]  # a study leaves out a prompt of two equal stories
+    if os.path.exists(study_out):
+        say_next(f"the report; the study of the two is drawn in {study_out}: a page for each annotator",
+                 report_cmd, command("--task=annotate", f"--study={study_out}", "--annotator=alice"))
+    elif differ:
+        say_next("the report; or first a blinded human study of the two, whose choices the report then adds", report_cmd,
+                 command("--task=study", f"--gens={gens}", f"--n={min(n, len(differ))}", f"--out={study_out}"))
+    else:
+        say_next("the report", report_cmd)
 
 
 def elo():
@@ -760,6 +864,10 @@ def elo():
     print(md_table(*elo_rows(table)) + ("\n\n" + elo_note(table) if elo_note(table) else ""))
     if out:
         jsonl.write_json(out, table)
+    print(f"wrote {out}" if out else "wrote nothing (--out=ratings.json writes the table)")
+    say_next("the report, which holds this table", command(
+        "--task=report", f"--pairs={pairs}", *([f"--anchor={anchor}"] if anchor else []),
+        f"--out={report_path(pairs.split(',')[0])}"))
 
 
 def anchor_rating():
@@ -804,11 +912,13 @@ def draw_study():
     chosen = [chosen[k] for k in rng.permutation(len(chosen))]
     jsonl.write(out, [dict(item=k, id=i, prompt=a[i]["prompt"], target_words=a[i]["target_words"],
                            bucket=bucket(a[i]["target_words"]), category=a[i].get("category", ""), seed=seed,
-                           stories=[dict(model=name_a, story=a[i]["story"]), dict(model=name_b, story=b[i]["story"])])
+                           stories=[dict(model=name_a, file=gen_files[0], story=a[i]["story"]),
+                                    dict(model=name_b, file=gen_files[1], story=b[i]["story"])])
                       for k, i in enumerate(chosen, 1)])
-    print(f"{out}: {n} items (" + ", ".join(f"{k} {b_}" for b_, k in want.items() if k) + f") of the {len(shared)} "
-          f"prompts both files cover{' with two different stories' if same else ''}, seed {seed}\n"
-          f"next, for each annotator: python eval.py --task=annotate --study={out} --annotator=NAME")
+    print(f"wrote {n} items to {out} (" + ", ".join(f"{k} {b_}" for b_, k in want.items() if k) + ") of the "
+          f"{len(shared)} prompts both files cover{' with two different stories' if same else ''}, seed {seed}")
+    say_next("one page for each annotator, under a name of their own (it names their file of choices)",
+             command("--task=annotate", f"--study={out}", "--annotator=alice"))
 
 
 def annotate():
@@ -852,7 +962,7 @@ def annotate():
                                time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
                     jsonl.append(path, [row], sync=True)
                     rows.append(row)
-                    return 303, "", {"Location": "/"}
+                    return 303, "", {"Location": f"/?saved={len(rows)}"}  # the next page says it was saved
                 if rows and (str(last), rows[-1]["choice"]) == (params.get("item"), params.get("choice")):
                     return 303, "", {"Location": "/"}  # the same press twice: saved once, nothing to say
                 return 303, "", {"Location": f"/?refused={urllib.parse.quote(params.get('item', ''))}"}
@@ -864,33 +974,62 @@ def annotate():
                 return 303, "", {"Location": "/"}
             if route != "/":
                 return 404, pages.page("Not found", "<h1>Not found</h1>"), {}
+            saved = ""  # the choice just made, numbered as the annotator saw it ("3 / 12")
+            if rows and params.get("saved") == str(len(rows)):
+                saved = f"saved: {rows[-1]['choice']} for item {len(rows)}"
             if not todo:
-                return 200, pages.annotation_done(annotator, len(items), last), {}
+                return 200, pages.annotation_done(annotator, len(items), last, saved=saved), {}
             was = undone.get(todo[0]["item"])
-            note = (f"Your choice for item {params['refused']} was not recorded: that item has a choice already (from "
-                    "another tab?), or is not the one shown now." if params.get("refused") else
+            note = ("Your last choice was not recorded: its item has a choice already (from another tab?), or is not "
+                    "the one shown now." if params.get("refused") else
                     f"You took back your choice ({was['choice']}) for this item." if was else "")
-            return 200, item_page(todo, note=note, reason=was["reason"] if was else ""), {}
+            return 200, item_page(todo, note=note, reason=was["reason"] if was else "", saved=saved), {}
 
-    def item_page(todo, note, reason):  # the first item without a choice
+    def item_page(todo, note, reason, saved=""):  # the first item without a choice
         shown.setdefault(todo[0]["item"], time.time())
         a, b = ab(todo[0])
         return pages.annotation_page(annotator, todo[0], a["story"], b["story"], len(items) - len(todo), len(items),
-                                     rows[-1]["item"] if rows else None, note=note, reason=reason)
+                                     rows[-1]["item"] if rows else None, note=note, reason=reason, saved=saved)
     print(f"{study}: {len(items)} items, {len(rows)} with a choice by {annotator} in {path}")
     pages.serve(app, host, port, f"the annotation page for {annotator}", script=pages.ANNOTATE_JS)
+    files = [s.get("file") for s in items[0]["stories"]]  # the generation files, in a study drawn with them
+    drawn_from = all(isinstance(f, str) for f in files)
+    print(f"{len(rows)} of {len(items)} items have a choice by {annotator}, in {path}")
+    if not rows:
+        print("next: the same command shows the page again")
+        return
+    say_next(f"the same command continues where {annotator} stopped; once every annotator is done, the report",
+             command("--task=report", *([f"--gens={','.join(files)}"] if drawn_from else []),
+                     f"--annotations={os.path.join(os.path.dirname(study), 'annotations')}",
+                     f"--out={report_path(files[0] if drawn_from else study)}"))
 
 
 def report():
     """report.md and, beside it with its stem, a self-contained report.html: Story Quality by
-    requested length and by category, Elo, win rates, the human study, and every story."""
+    requested length and by category, Elo, win rates, the human study, and every prompt with its
+    stories side by side. A report is written over only by one that reads all its inputs (the same
+    report again, or with more in it), or with --force=True: each report.md names its inputs on its first line."""
     all_pairs = read_pairs(pairs, must_exist=pairs != _PAIRS)  # the default pairs file joins if it exists
     gens_by_file = read_gens(gen_files) if gen_files else {}
     votes = read_annotations(annotations) if annotations else []
     md_path = out or "out/eval/report.md"
     html_path = (md_path[: -len(".md")] if md_path.endswith(".md") else md_path) + ".html"
-    inputs = ", ".join(gen_files + [p for p in pairs.split(",") if all_pairs and p] + ([annotations] if votes else []))
-    md = ["# POLARIS evaluation", "", f"{time.strftime('%Y-%m-%d')}, from {inputs}. Stories, plots and the judge's scores: "
+    read_from = gen_files + [p for p in pairs.split(",") if all_pairs and p] + ([annotations] if votes else [])
+    if not read_from:
+        fail("--task=report needs --gens, --pairs or --annotations with something in them")
+    inputs = ", ".join(read_from)
+    there = [p for p in (md_path, html_path) if os.path.exists(p)]
+    before, now = report_inputs(md_path), {os.path.normpath(p) for p in read_from}
+    what = f"a report of {', '.join(sorted(before))}" if before else "a report of unknown inputs"
+    if there and (before is None or not before <= now):
+        if not force:
+            fail(f"{' and '.join(there)} hold {what}, not of {inputs}: give another --out, or --force=True to write "
+                 "over them")
+        print(f"writing over {' and '.join(there)}, {what} (--force=True)")
+    elif there and before != now:
+        print(f"writing over {' and '.join(there)}, {what}: this report reads all of them and more")
+    md = [f"<!-- polaris report of {json.dumps(sorted(now))} -->", "# POLARIS evaluation", "",
+          f"{time.strftime('%Y-%m-%d')}, from {inputs}. Stories, plots and the judge's scores: "
           f"{os.path.basename(html_path)}", ""]
     sections = [("Inputs", f"<p>{pages.esc(time.strftime('%Y-%m-%d'))}, from {pages.esc(inputs)}</p>")]
 
@@ -923,42 +1062,97 @@ def report():
             "when items carry several annotators.")
         if between[1]:
             add("Human study: agreement between annotators", between, "Share of items two annotators judged alike, with "
-                "ties and without (items where either said tie left out); Cohen's kappa over the three outcomes.")
+                "ties and without (items where either said tie left out); Cohen's kappa over the three outcomes. Kappa "
+                "can be low, even negative, beside high agreement: when one answer dominates the votes, as when both "
+                "prefer one model almost every time, chance alone agrees that often, and kappa counts only the "
+                "agreement beyond chance (Feinstein and Cicchetti 1990, \"high agreement but low kappa\").")
         if judged[1]:
             add("Human study: the LLM judge against the annotators", judged, "The judge's dual-position verdict (pairs "
                 "file) against each annotator's vote on the same item, with and without ties (MT-Bench's agreement).")
-    if len(sections) == 1:
-        fail("--task=report needs --gens, --pairs or --annotations with something in them")
     if gen_files:
-        sections.append(("Stories", "".join(stories_html(f, label, rows) for f, (label, rows) in gens_by_file.items())))
+        sections.append(("Stories", stories_html(gens_by_file)))
     jsonl.write_text(md_path, "\n".join(md))
     jsonl.write_text(html_path, pages.report_page("POLARIS evaluation", sections))
-    print("\n".join(md) + f"\nwrote {md_path} and {html_path}")
+    print("\n".join(md[1:]) + f"\nwrote {md_path} and {html_path}")
+    print(f"next: open {pathlib.Path(os.path.abspath(html_path)).as_uri()} in a browser (it needs no network)")
 
 
-def stories_html(gens_file, label, rows):
-    """A model's stories, each folded: the request, the story, the judge's 16 scores."""
-    scored = scored_rows(gens_file)
-    parts = []
-    for r in rows:
-        s = scored.get(r["id"], {})
-        sq = f"SQ {s['sq']:.1f}" if s.get("error") is None and s.get("sq") is not None else f"no SQ ({s.get('error')})"
-        parts.append(pages.story_details(
-            f"{r['id']} · {bucket(r['target_words'])} · {r.get('category') or 'no category'} · {sq} · "
-            f"{rubric.count_words(r['story'])} of {r['target_words']} words", r["prompt"], r["story"], s.get("scores"),
-            s.get("reply")))
-    return f"<h3>{pages.esc(label)} ({len(rows)} stories)</h3>" + "".join(parts)
+def report_inputs(md_path):
+    """The inputs a report.md was written from, as its first line names them; None when it names none."""
+    try:
+        with open(md_path, encoding="utf-8") as f:
+            m = re.fullmatch(r"<!-- polaris report of (\[.*\]) -->\n?", f.readline())
+        return set(json.loads(m.group(1))) if m else None
+    except (OSError, ValueError):
+        return None
+
+
+def stories_html(gens_by_file):
+    """Each prompt once, with a contents list by requested-length bucket: its stories side by side,
+    each with its SQ, words and the judge's 16 scores and reply, the whole prompt folded."""
+    scored = {f: scored_rows(f) for f in gens_by_file}
+    by_id = {}  # prompt id -> {file: its row}
+    for f, (_, rows) in gens_by_file.items():
+        for r in rows:
+            by_id.setdefault(r["id"], {})[f] = r
+    contents, parts, n = [], [], 0  # n: the prompts so far, which name each prompt's anchor
+    for b, _ in BUCKETS:
+        ids = [i for i, rs in by_id.items() if bucket(next(iter(rs.values()))["target_words"]) == b]
+        contents.append((f"{b} ({len(ids)} prompts)", [(f"prompt-{n + k}", str(i)) for k, i in enumerate(ids)]))
+        parts.append(f"<h3>{pages.esc(b)}</h3>" if ids else "")
+        for i in ids:
+            first = next(iter(by_id[i].values()))
+            stories, sqs = [], []
+            for f, (label, _) in gens_by_file.items():
+                r, s = by_id[i].get(f), scored[f].get(i, {})
+                sq = f"SQ {s['sq']:.1f}" if s.get("error") is None and s.get("sq") is not None else \
+                    f"no SQ ({s.get('error') or 'not scored'})"
+                sqs.append(f"{label} {sq if r else 'no story'}")
+                if r:
+                    stories.append((label, f"{sq} · {rubric.count_words(r['story'])} of {r['target_words']} words",
+                                    r["story"], s.get("scores"), s.get("reply")))
+            summary = f"{i} · {first.get('category') or 'no category'} · " + " · ".join(sqs)
+            parts.append(pages.prompt_details(f"prompt-{n}", summary, first["prompt"], stories))
+            n += 1
+    return pages.contents(contents) + "".join(parts)
 
 
 def rollouts():
-    """A training run in the browser: its charts and each step's stories, served until Ctrl-C."""
-    if not run or not any(os.path.exists(os.path.join(run, f)) for f in ("metrics.jsonl", "rollouts.jsonl")):
-        fail(f"--task=rollouts needs --run=OUT_DIR, a training run's folder: {run!r} holds no metrics.jsonl or rollouts.jsonl")
-    pages.serve(pages.run_viewer(run), host, port, f"the run viewer for {run}")
+    """A training run in the browser: its charts and each step's stories, served until Ctrl-C. The
+    run may not have started: the page waits for it, then follows it."""
+    if not run:
+        fail("--task=rollouts needs --run=OUT_DIR, a training run's folder (the page waits for a run not yet started)")
+    if os.path.exists(run) and not os.path.isdir(run):
+        fail(f"--run={run} is a file: give a training run's folder (its out_dir)")
+    app = pages.run_viewer(run)
+    print(f"{run}: {app.status()[1]}")
+    pages.serve(app, host, port, f"the run viewer for {run}", script=pages.VIEWER_JS)
+    state, sentence = app.status()
+    print(f"{run}: {sentence}")
+    settings = rundir.settings(run)
+    if state == "finished":
+        tiny = settings.get("init_from") == "tiny"
+        print(rundir.closing_lines(run, settings["max_steps"], base=os.path.join(run, "base") if tiny
+                                   else settings.get("init_from"), thinking=settings.get("enable_thinking", True),
+                                   tiny=tiny, max_new_tokens=settings.get("max_new_tokens")))
+    elif state == "stopped":
+        print("next: the command that started the run, with --resume=auto, continues it from its last checkpoint")
+    else:
+        print("next: the run prints its next commands when it ends; the same command shows the page again")
 
 
 TASKS = dict(generate=generate, score=score, pairwise=pairwise, elo=elo, study=draw_study, annotate=annotate, report=report,
              rollouts=rollouts)
+ABOUT = """tasks (--task=NAME), each ending with the command to run next:
+  generate  stories for the prompts, from a checkpoint, a hub model or an OpenAI-compatible API
+  score     Story Quality and the length ratio of each story by requested length, by the judge
+  pairwise  each two models' stories for each prompt, judged twice with the positions swapped
+  elo       Bradley-Terry ratings of the pairs file
+  study     a blinded human study of two generation files, drawn once
+  annotate  one annotator's page for a study
+  report    report.md and a self-contained report.html of all of the above
+  rollouts  a training run in the browser, followed from before its first step
+"""
 
 # -----------------------------------------------------------------------------
 
@@ -981,6 +1175,7 @@ if __name__ == "__main__":
     study = ""  # annotate: the study file
     annotator = ""  # annotate: the annotator's name, which names annotations/NAME.jsonl
     annotations = ""  # report: the folder of annotation files
+    force = False  # report: write over a report of other inputs
     run = ""  # rollouts: a training run's out_dir
     host, port = "127.0.0.1", 0  # annotate, rollouts: the page's address (port 0: any free one); elsewhere a token is asked
     # generation: within the card's recommended ranges; no presence penalty (the card allows 0.0-1.5;
@@ -991,7 +1186,7 @@ if __name__ == "__main__":
     api_key_env = ""
     api_extra = {}  # API generation: body fields added to those sent (a field set to None is not sent)
     gen_cache = "out/eval/gen_cache"  # API generations' replies, apart from the judge's ('' to disable)
-    enable_thinking = True
+    enable_thinking = None  # None: as the checkpoint was trained (its state.pt), else on; True or False overrides
     max_new_tokens = 14336  # the card, for 8-12k-word targets
     temperature = 0.6
     top_p = 0.95
@@ -1016,9 +1211,11 @@ if __name__ == "__main__":
     judge_price_out = 0.0  # dollars per million tokens out
     judge_cache = "out/judge_cache"  # '' to disable
     length_weight = 25.0  # reward = SQ - length_weight * (1 - length score)
-    c = configure(globals())
+    c = configure(globals(), about=ABOUT)
     check_ranges(c, dict(preflight.SAMPLING_RANGES, **judge_lib.RANGES, limit=">= 0", n_boot=">= 1", max_chars=">= 0",
                          batch_size=">= 1", n=">= 1", port="[0, 65535]"))
+    if enable_thinking not in (None, True, False):
+        fail(f"--enable_thinking={enable_thinking!r} must be True, False or None (as the checkpoint was trained)")
     if task not in TASKS:
         fail(f"--task={task!r} must be one of {', '.join(TASKS)}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the run like Ctrl-C

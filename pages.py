@@ -18,11 +18,14 @@ import math
 import os
 import re
 import secrets
+import socket
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import rubric
+import rundir
 
 
 def esc(x):
@@ -46,11 +49,16 @@ display:flex;gap:.6rem;align-items:center;flex-wrap:wrap;justify-content:center}
 .bar textarea{flex:1 1 22rem;min-height:2.4rem;font:inherit}
 button{font:inherit;padding:.45rem 1.1rem;border:1px solid #777;border-radius:6px;background:#fff;cursor:pointer}
 button.pick{font-weight:600;background:#eef3fb}button:disabled{opacity:.5}
-kbd{font-size:.8em;color:#555;border:1px solid #bbb;border-radius:3px;padding:0 .3em}.muted{color:#666}.note{color:#7a4b00}.ref{background:#fff6dc}.fail{color:#a11}
+kbd{font-size:.8em;color:#555;border:1px solid #bbb;border-radius:3px;padding:0 .3em}.muted{color:#666}.note{color:#7a4b00}
+.fail{color:#a11}.saved{color:#2e7d32;font-weight:600}
 details{border:1px solid #ddd;border-radius:6px;padding:.3rem .8rem;margin:.4rem 0;background:#fff}
 summary{cursor:pointer}.scores td{padding:.1rem .6rem}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:1rem}
 .card{border:1px solid #ddd;border-radius:6px;padding:.5rem .8rem;background:#fff}
+.card.ref{background:#fff6dc;border:2px solid #c9a227}
+.cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(22rem,1fr));gap:1rem}
+.cols .story{max-height:36em;overflow-y:auto;font-size:16px}.cols h4{margin:.6rem 0 0}.cols p.muted{margin:0 0 .5rem}
+.status{font-weight:600}.toc a{margin-right:.5rem}
 nav a{margin-right:.6rem}svg{max-width:100%;height:auto}
 """
 
@@ -63,11 +71,12 @@ def page(title, body, script=""):
 
 
 def csp(script=""):
-    """The policy sent with (or written into) a page: styles inline, images only as data, forms to
-    the page's own server, and no script but `script`, allowed by its hash."""
+    """The policy sent with (or written into) a page: styles inline, images only as data, forms and
+    requests only to the page's own server (none without a script), and no script but `script`,
+    allowed by its hash."""
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     return ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; base-uri 'none'; "
-            "connect-src 'none'; script-src " + (f"'sha256-{digest}'" if script else "'none'"))
+            + (f"connect-src 'self'; script-src 'sha256-{digest}'" if script else "connect-src 'none'; script-src 'none'"))
 
 
 def table(head, rows, numeric=()):
@@ -84,8 +93,9 @@ COLOURS = ["#1f5fa8", "#c4511a", "#2e8540", "#7b3fa0", "#a8821f", "#197a80", "#a
 
 
 def _ticks(lo, hi, n=5):
-    if not hi > lo:
-        lo, hi = lo - 1, hi + 1
+    if not hi > lo:  # one value: a tenth of it either side, and an axis of values >= 0 stays >= 0
+        d = abs(lo) / 10 or 1
+        lo, hi = (max(lo - d, 0) if lo >= 0 else lo - d), hi + d
     step = 10 ** math.floor(math.log10((hi - lo) / n))
     step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
     first = math.floor(lo / step) * step
@@ -260,14 +270,20 @@ HOW = ("<details{}><summary>How to judge</summary><p>Each item is one request an
        "choice and shows that item again.</p></details>")
 
 
-def annotation_page(name, item, a, b, done, total, last, note="", reason=""):
+def undo_form(last):
+    return (f"<form method=post action=/undo style='display:inline'><input type=hidden name=item value={last}>"
+            "<button>Take back the last choice</button></form>") if last else ""
+
+
+def annotation_page(name, item, a, b, done, total, last, note="", reason="", saved=""):
     """The page for one item: the request, story A and story B side by side (stacked on a narrow
-    window), the three choices and a reason. Nothing names a model, a file or a score."""
-    undo = (f" &middot; <form method=post action=/undo style='display:inline'><input type=hidden name=item "
-            f"value={last}><button>Take back the last choice</button></form>") if last else ""
+    window), the three choices and a reason. Nothing names a model, a file or a score. `saved`
+    confirms the choice just made ("saved: A for item 3")."""
+    status = [f"annotator {esc(name)}", f"<progress max={total} value={done}></progress> {done} done",
+              f"<span class=saved>{esc(saved)}</span>" if saved else "", undo_form(last)]
     head = (f"<h1>Which story is better? <span class=muted>{done + 1} / {total}</span></h1>"
-            f"<p class=muted>annotator {esc(name)} &middot; <progress max={total} value={done}></progress> "
-            f"{done} done{undo}</p>{HOW.format('' if done else ' open')}"
+            # a div, not a p: a form inside a p ends the p before it, leaving the line's last "·" alone
+            f"<div class=muted>{' &middot; '.join(p for p in status if p)}</div>{HOW.format('' if done else ' open')}"
             + (f"<p class=note>{esc(note)}</p>" if note else ""))
     body = (f"{head}<div class=prompt><b>The request:</b> {esc(item['prompt'])}</div>"
             f"<form id=choose method=post action=/choose><input type=hidden name=item value={item['item']}>"
@@ -281,11 +297,10 @@ def annotation_page(name, item, a, b, done, total, last, note="", reason=""):
     return page(f"Story study {done + 1} / {total}", body, ANNOTATE_JS)
 
 
-def annotation_done(name, total, last):
-    undo = (f"<form method=post action=/undo><input type=hidden name=item value={last}>"
-            "<button>Take back the last choice</button></form>") if last else ""
+def annotation_done(name, total, last, saved=""):
     return page("Story study: done", f"<h1>All {total} items have a choice. Thank you, {esc(name)}.</h1>"
-                f"<p>Your choices are saved; you can close this tab.</p>{undo}")
+                + (f"<p class=saved>{esc(saved)}</p>" if saved else "")
+                + f"<p>Your choices are saved; you can close this tab.</p>{undo_form(last)}")
 
 # -----------------------------------------------------------------------------
 # the report: one file that opens from disk with no network
@@ -315,10 +330,22 @@ def reply_details(reply):
     return f"<details><summary>the judge's reply</summary><div class=reply>{esc(reply)}</div></details>" if reply else ""
 
 
-def story_details(summary, prompt, story, scores=None, reply=None):
-    """One collapsible story: its request, its text, the judge's scores and reply when there are any."""
-    return (f"<details><summary>{esc(summary)}</summary><div class=prompt>{esc(prompt)}</div>"
-            f"<div class=story>{esc(story)}</div>{scores_table(scores) if scores else ''}{reply_details(reply)}</details>")
+def prompt_details(anchor, summary, prompt, stories):
+    """One prompt, folded: its request, then its stories side by side (stacked on a narrow window),
+    each under its heading and facts, with the judge's scores and reply folded beneath it.
+    stories: [(heading, facts, story, scores or None, reply or None)]."""
+    cols = "".join(f"<article><h4>{esc(head)}</h4><p class=muted>{esc(facts)}</p><div class=story>{esc(story)}</div>"
+                   + (f"<details><summary>16 scores</summary>{scores_table(scores)}</details>" if scores else "")
+                   + f"{reply_details(reply)}</article>" for head, facts, story, scores, reply in stories)
+    return (f"<details id={anchor}><summary>{esc(summary)}</summary><div class=prompt>{esc(prompt)}</div>"
+            f"<div class=cols>{cols}</div></details>")
+
+
+def contents(groups):
+    """A list of links, a line a group: groups [(heading, [(anchor, label)])]."""
+    lines = [f"<p><b>{esc(head)}</b>: " + " ".join(f"<a href='#{a}'>{esc(label)}</a>" for a, label in links) + "</p>"
+             for head, links in groups if links]
+    return "<nav class=toc>" + "".join(lines) + "</nav>"
 
 # -----------------------------------------------------------------------------
 # the run viewer: a training run's charts and stories, read from its out_dir as it grows
@@ -425,11 +452,40 @@ def left_out(indexes):
     return f"<p class=note>Left out: {esc('; '.join(parts))}.</p>" if parts else ""
 
 
+def run_status(out_dir, last):
+    """(state, one sentence) of the run in out_dir whose last logged step is `last` (None before
+    any): 'waiting' for a run to start, 'running', 'finished' at its max_steps, or 'stopped' before
+    them with no live run holding its run.lock. Only 'waiting' and 'running' can still change."""
+    settings = rundir.settings(out_dir)
+    goal = settings.get("max_steps")
+    if isinstance(goal, int) and last is not None and last >= goal:
+        return "finished", f"finished: all {goal} steps"
+    if rundir.holder(os.path.join(out_dir, "run.lock"), settings.get("lock_stale_s", 120.0))[1]:
+        return "running", (f"running: {last} of {goal or '?'} steps done" if last is not None else
+                           "the run is starting: no step yet")
+    if not settings and last is None:
+        return "waiting", (f"waiting for a run to start in {out_dir}" if os.path.isdir(out_dir) else
+                           f"waiting for a run to start: {out_dir} does not exist yet")
+    if not settings:  # a folder from before run.json: how many steps it was to run is unknown
+        return "stopped", f"not running: its last step is {last}"
+    return "stopped", f"stopped at step {last} of {goal}" if last else f"stopped before its first step (of {goal})"
+
+
+VIEWER_JS = """
+const now = document.getElementById('status').dataset.state;
+setInterval(() => fetch('/state').then(r => r.text())
+  .then(s => { if (s !== now) location.reload(); }).catch(() => {}), 2000);
+"""
+
+
 def run_viewer(out_dir, max_line=LINE_BYTES, max_story=STORY_CHARS):
     """app(method, path, params) for a run folder: the charts of metrics.jsonl, and a step's groups
-    from rollouts.jsonl. A folder from before run.json counted steps from 0 in its files and kept
-    each reference's text in its rows: shown with steps from 1 all the same. A line that is not a
-    row is left out and named on the page; a story is shown up to max_story characters."""
+    from rollouts.jsonl. The folder may not exist yet: the page waits for the run. While the run
+    may still change, every page asks /state every 2 seconds (VIEWER_JS) and reloads when the run
+    moved on; a finished or stopped run's page asks nothing. A folder from before run.json counted
+    steps from 0 in its files and kept each reference's text in its rows: shown with steps from 1
+    all the same. A line that is not a row is left out and named on the page; a story is shown up
+    to max_story characters."""
     path = lambda name: os.path.join(out_dir, name)
     is_story = lambda r: (isinstance(r.get("group"), int) and isinstance(r.get("id"), (int, str))
                           and isinstance(r.get("story"), (str, type(None))))
@@ -437,12 +493,6 @@ def run_viewer(out_dir, max_line=LINE_BYTES, max_story=STORY_CHARS):
     refs = LineIndex(path("references.jsonl"), "id", valid=lambda r: isinstance(r.get("story"), str), max_line=max_line)
     logged = LineIndex(path("metrics.jsonl"), "step", (int,), lambda r: type(r.get("step")) is int, max_line)
     lock = threading.Lock()  # the indexes grow as they are read: one request at a time
-
-    def max_steps():
-        try:
-            return json.load(open(path("run.json")))["config"]["max_steps"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return math.inf  # a folder from before run.json: it may still be going
 
     def app(method, route, params):
         with lock:
@@ -456,9 +506,7 @@ def run_viewer(out_dir, max_line=LINE_BYTES, max_story=STORY_CHARS):
         r["story"] = r["story"][:max_story]
         return r
 
-    def answer(route, params):
-        if route != "/":
-            return 404, page("Not found", "<h1>Not found</h1>"), {}
+    def read():  # (steps with stories, metrics by step, the run's state, its sentence, what a page compares)
         shift = 0 if os.path.exists(path("run.json")) else 1
         steps = sorted(s + shift for s in rollouts.refresh().offsets)
         refs.refresh()
@@ -466,16 +514,26 @@ def run_viewer(out_dir, max_line=LINE_BYTES, max_story=STORY_CHARS):
         for s in sorted(logged.refresh().offsets):
             for r in logged.rows(s):
                 metrics.setdefault(s + shift, {}).update(r, step=s + shift)
+        last = max([*steps, *metrics], default=None)
+        state, sentence = run_status(out_dir, last)
+        return shift, steps, metrics, state, sentence, f"{state} {last} {len(steps)} {logged.lines}"
+
+    def answer(route, params):
+        if route not in ("/", "/state"):
+            return 404, page("Not found", "<h1>Not found</h1>"), {}
+        shift, steps, metrics, state, sentence, token = read()
+        if route == "/state":
+            return 200, token, {"Content-Type": "text/plain; charset=utf-8"}
         try:
-            step = int(params.get("step") or (steps[-1] if steps else 0))
+            step = int(params.get("step") or (steps[-1] if steps else max(metrics, default=0)))
         except ValueError:
             return 400, page("Bad step", f"<h1>No step {esc(params.get('step'))}</h1><a href='/'>the latest step</a>"), {}
-        latest = "step" not in params
         stories = [shown(r) for r in rollouts.rows(step - shift)]
-        body = run_page(out_dir, steps, step, metrics, stories, left_out((rollouts, logged, refs)))
-        if latest and steps and steps[-1] < max_steps():  # a run still going: the browser asks again every 30 seconds
-            body = body.replace("<title>", "<meta http-equiv=refresh content=30><title>", 1)
+        status = f"<p id=status class=status data-state='{esc(token)}'>{esc(sentence)}</p>"
+        body = run_page(out_dir, steps, step, metrics, stories, status + left_out((rollouts, logged, refs)),
+                        script=VIEWER_JS if state in ("waiting", "running") else "")
         return 200, body, {}
+    app.status = lambda: read()[3:5]  # (state, sentence), for the command that serves the page
     return app
 
 
@@ -514,13 +572,16 @@ def story_card(r, label):
             + "</div>")
 
 
-def run_page(out_dir, steps, step, metrics, stories, note=""):
+def run_page(out_dir, steps, step, metrics, stories, note="", script=""):
     """A step of a run: the charts, the step's numbers, its best and worst story, and each group's
-    stories side by side beside its prompt, the human reference marked; `note` (html) under the title."""
+    stories side by side beside its prompt, the human reference marked; `note` (html) under the
+    title; `script`, the page's one script. A run with nothing logged yet: the title and the note."""
+    if not steps and not metrics:
+        return page(f"{out_dir}: no step yet", f"<h1>{esc(out_dir)}</h1>{note}", script)
     nav = "".join(f"<a href='/?step={s}'>{label}</a>" for s, label in (
         (steps[0] if steps else None, "first"), (step - 1, "previous"), (step + 1, "next"), (steps[-1] if steps else None, "latest"))
         if s in steps)
-    form = (f"<form method=get style='display:inline'>step <input name=step type=number min=1 value={step} "
+    form = (f"<form method=get style='display:inline'>step <input name=step type=number min=0 value={step} "
             f"style='width:5em'> <button>show</button></form> of {len(steps)} logged")
     m = metrics.get(step, {})
     numbers = " &middot; ".join(f"{k} {m[k]:.2f}" for k in ("reward", "ref_reward", "sq", "length_ratio", "entropy",
@@ -528,7 +589,7 @@ def run_page(out_dir, steps, step, metrics, stories, note=""):
     body = [f"<h1>{esc(out_dir)}: step {step}</h1><nav>{nav} {form}</nav>{note}", run_charts(metrics),
             f"<h2>Step {step}</h2><p>{numbers or 'no metrics for this step'}</p>"]
     if not stories:
-        return page(f"{out_dir} step {step}", "".join(body) + "<p class=muted>No stories logged at this step yet.</p>")
+        return page(f"{out_dir} step {step}", "".join(body) + "<p class=muted>No stories at this step.</p>", script)
     rolled = sorted((r for r in stories if not r.get("is_ref") and isinstance(r.get("reward"), (int, float))
                      and r["reward"] == r["reward"]), key=lambda r: r["reward"])
     if rolled:
@@ -545,4 +606,4 @@ def run_page(out_dir, steps, step, metrics, stories, note=""):
                     + "</div><div class=grid>" + "".join(
                         story_card(r, "human reference" if r.get("is_ref") else f"story {j + 1}") for j, r in enumerate(rs))
                     + "</div>")
-    return page(f"{out_dir} step {step}", "".join(body))
+    return page(f"{out_dir} step {step}", "".join(body), script)

@@ -30,14 +30,25 @@ LOGS = ("metrics.jsonl", "rollouts.jsonl", "evals.jsonl")  # rows with a step: t
 # the lock: one run per out_dir (and one annotation page per annotator's file)
 
 
-def _alive(pid):
+def holder(path, stale_s):
+    """(what the lock at `path` holds, whether its holder is alive): a process that runs on this
+    host, or one on another host that refreshed the lock within stale_s. ({}, False) when there is
+    no lock, or none this code wrote ([], null, a pid no process can have: half-written or foreign)."""
     try:
-        os.kill(pid, 0)
+        held, age = json.load(open(path)), time.time() - os.path.getmtime(path)
+    except (OSError, ValueError):
+        return {}, False
+    if not isinstance(held, dict) or not (isinstance(held.get("pid"), int) and 0 < held["pid"] < 2 ** 22):
+        return {}, False
+    if held.get("host") != socket.gethostname():
+        return held, age < stale_s  # another host's: alive while it refreshes the lock
+    try:
+        os.kill(held["pid"], 0)
     except ProcessLookupError:
-        return False
+        return held, False
     except PermissionError:
         pass  # another user's process
-    return True
+    return held, held["pid"] != os.getpid()
 
 
 def take_lock(path, stale_s):
@@ -59,20 +70,17 @@ def take_lock(path, stale_s):
             if os.path.exists(path) and not os.path.getsize(path):
                 os.remove(path)
             raise ValueError(f"cannot write {path}: {e.strerror}") from None
-        try:
-            held, age = json.load(open(path)), time.time() - os.path.getmtime(path)
-        except (OSError, ValueError):
-            held, age = {}, math.inf  # half-written by a writer that died at once
-        if not isinstance(held, dict) or not (isinstance(held.get("pid"), int) and 0 < held["pid"] < 2 ** 22):
-            held, age = {}, math.inf  # not a lock this code wrote ([], null, a pid no process can have)
-        gone = held.get("host") == me["host"] and (held.get("pid") == me["pid"] or not _alive(held["pid"]))
-        if held and not gone and age < stale_s:
+        held, alive = holder(path, stale_s)
+        age = time.time() - os.path.getmtime(path) if os.path.exists(path) else math.inf
+        if alive and age < stale_s:
             raise ValueError(f"{path} is in use by pid {held['pid']} on {held.get('host')} since {held.get('since')} "
                              f"(refreshed {age:.0f} s ago, taken over after {stale_s:g} s): wait for it, stop it, or use "
                              "another folder")
         print(f"taking over {path}" + (": it holds no lock this code wrote" if not held else
-              f" from pid {held['pid']} on {held.get('host')}: " + ("not running" if gone else f"not refreshed for {age:.0f} s")))
-        os.remove(path)
+              f" from pid {held['pid']} on {held.get('host')}: " + (f"not refreshed for {age:.0f} s" if alive
+                                                                     else "not running")))
+        if os.path.exists(path):
+            os.remove(path)
     else:
         raise ValueError(f"another run took {path} at the same moment")
 
@@ -126,12 +134,17 @@ def prepare(out_dir, state, config, world_size, changed=None):
     return run_id
 
 
-def config_in_force(run):
-    """A run.json's settings as its latest start ran them: the first start's, with each resume's changes."""
-    config = dict(run.get("config") or {})
-    for start in run.get("starts", []):
-        config.update({k: now for k, (_, now) in start.get("changed", {}).items()})
-    return config
+def settings(out_dir):
+    """The settings in force of the run in out_dir, from its run.json: the first start's, with each
+    resume's changes; {} before run.json is written (or in a folder from before it)."""
+    try:
+        run = json.load(open(os.path.join(out_dir, "run.json")))
+        config = dict(run["config"])
+        for start in run.get("starts", []):
+            config.update({k: now for k, (_, now) in start.get("changed", {}).items()})
+        return config
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def trim_logs(out_dir, step, later):

@@ -2,12 +2,15 @@
 import html
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import requests
 
 import eval as ev
 import jsonl
@@ -15,6 +18,7 @@ import data
 import preflight
 import tiny
 from local_judge import serve_local
+from test_train import ENV, train
 
 SUB = dict(capture_output=True, text=True, timeout=300)
 
@@ -124,7 +128,7 @@ def test_generate_score_pairwise_elo_report(tiny_models, tmp_path):
     g = [json.loads(l) for l in open(gens[0])]
     assert len(g) == 6 and {"story", "words", "thinking_words", "finish_reason", "category"} <= set(g[0]), g[0]
     p = run_eval("--task=generate", f"--model={tiny_models / 'base'}", f"--out={gens[0]}", *common)
-    assert "6 of 6 prompts already" in p.stdout and len(open(gens[0]).readlines()) == 6, "resumable: nothing redone"
+    assert "all 6 prompts already" in p.stdout and len(open(gens[0]).readlines()) == 6, "resumable: nothing redone"
     # an OpenAI-compatible endpoint as a peer (the local judge stands in for a served model)
     server, url = serve_local()
     try:
@@ -363,7 +367,6 @@ def test_failed_judgements_are_asked_again(tmp_path):
 
 
 def test_ctrl_c_while_judging_ends_at_once(tmp_path):
-    import signal
     import time
     from test_judge import FaultServer
     g = tmp_path / "g.jsonl"
@@ -384,3 +387,73 @@ def test_ctrl_c_while_judging_ends_at_once(tmp_path):
         p.kill()
         s.close()
     assert p.returncode != 0 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_the_commands_a_run_prints_work_as_printed(tmp_path):
+    """The first hour of a new user: a tiny run, then each command that it and eval.py print, run
+    through a shell exactly as printed, from a folder that stands for a fresh clone (eval.py and
+    data/ linked in; Python finds the modules beside the real eval.py), through to report.html."""
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for name in ("eval.py", "data"):
+        (clone / name).symlink_to(os.path.abspath(name))
+
+    def shell(cmd, ok=True):
+        p = subprocess.run(cmd, shell=True, cwd=clone, env=ENV, **SUB)
+        assert (p.returncode == 0) == ok, f"{cmd}\n{p.stdout[-2000:]}{p.stderr[-2000:]}"
+        return p
+
+    def printed(stdout):  # the commands under the last "next:" line, as printed
+        lines = stdout.splitlines()
+        k = max(i for i, line in enumerate(lines) if line.startswith("next:"))
+        return [line[2:] for line in lines[k + 1:] if line.startswith("  python ")]
+
+    run = train(tmp_path / "out" / "tiny", "--max_steps=2", "--eval_interval=0", "--max_new_tokens=16", "--batch_groups=1")
+    final, base = printed(run.stdout)
+    folder = tmp_path / "out" / "eval"
+    assert f"--model={tmp_path}/out/tiny/ckpt_000002 --name=tiny --out={folder}/tiny.jsonl" in final and \
+        "--limit=60" in final and "enable_thinking" not in final, f"the checkpoint knows how it thinks: {final}"
+    p = shell(final)
+    assert "thinking off as it was trained" in p.stdout and "falling back" not in p.stderr, p.stdout + p.stderr[-2000:]
+    assert f"wrote 60 stories to {folder}/tiny.jsonl (60 in all)" in p.stdout, p.stdout[-1000:]
+    refused = shell(base.replace("tiny-base.jsonl", "tiny.jsonl"), ok=False)
+    assert refused.stderr.strip() == f"error: {folder}/tiny.jsonl holds the stories of 'tiny', not of 'tiny-base': " \
+        "give tiny-base a file of its own (--out)", "one model's stories never join another's: " + refused.stderr[-1000:]
+    assert len(open(folder / "tiny.jsonl").readlines()) == 60, "and the file is as it was"
+    p = shell(base)
+    assert f"wrote 60 stories to {folder}/tiny-base.jsonl (60 in all)" in p.stdout, p.stdout[-1000:]
+    [score] = printed(p.stdout)
+    assert f"--gens={folder}/tiny.jsonl,{folder}/tiny-base.jsonl" in score, "the trained model's file and its base's"
+    p = shell(score)
+    assert f"wrote 60 scores to {folder}/tiny.scores.jsonl (60 in all), 60 scores to" in p.stdout, p.stdout[-1000:]
+    [pairwise] = printed(p.stdout)
+    p = shell(pairwise)
+    assert "wrote 60 judged pairs to out/eval/pairs.jsonl (60 in all)" in p.stdout, p.stdout[-1000:]
+    report, study = printed(p.stdout)
+    p = shell(report)
+    assert f"wrote {folder}/tiny.report.md and {folder}/tiny.report.html" in p.stdout, p.stdout[-1000:]
+    assert f"next: open file://{folder}/tiny.report.html in a browser" in p.stdout
+    html = (folder / "tiny.report.html").read_text()
+    assert html.count("<details id=prompt-") == 60 and "tiny-base SQ" in html, "each prompt once, both models' stories"
+    [annotate] = printed(shell(study).stdout)
+    page = subprocess.Popen(annotate, shell=True, cwd=clone, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        url = next(re.search(r"at (http://\S+)", line).group(1) for line in page.stdout if " at http://" in line)
+        first = re.search(r"name=item value=(\d+)", requests.get(url, timeout=30).text).group(1)
+        saved = requests.post(url + "choose", data=dict(item=first, choice="A"), timeout=30).text
+        assert "saved: A for item 1" in saved, "the page confirms the choice"
+    finally:
+        os.killpg(page.pid, signal.SIGINT)  # Ctrl-C in a terminal: to the command's process group
+        out, err = page.communicate(timeout=30)
+    assert "1 of 60 items have a choice by alice" in out, out + err
+    p = shell(printed(out)[0])
+    assert f"writing over {folder}/tiny.report.md and {folder}/tiny.report.html, a report of " in p.stdout and \
+        "Human study" in (folder / "tiny.report.md").read_text(), p.stdout[-2000:]
+
+
+def test_help_lists_the_tasks():
+    p = run_eval("--help")
+    for task in ev.TASKS:
+        assert re.search(rf"^  {task} +\S", p.stdout, re.M), f"{task}: one line in --help\n{p.stdout[:1500]}"
+    assert "--enable_thinking=None  # None: as the checkpoint was trained" in p.stdout, p.stdout

@@ -320,8 +320,11 @@ def test_annotation_page_in_a_browser(judged, browser, tmp_path):
         # five items: by click, by key, a reason typed, a double press, a take-back and a redo
         page.get_by_role("button", name=re.compile("^A is better")).dblclick()
         page.wait_for_selector("text=2 / 12")
+        status = page.locator("div.muted").first.inner_text()
+        assert "saved: A for item 1" in status and not status.strip().endswith("·"), f"the choice confirmed: {status!r}"
         page.keyboard.press("b")
         page.wait_for_selector("text=3 / 12")
+        assert "saved: B for item 2" in page.locator(".saved").inner_text(), "each saved choice confirmed, by its number"
         page.fill("textarea", "B's ending is earned; A meanders")
         page.get_by_role("button", name=re.compile("^Tie")).click()
         page.wait_for_selector("text=4 / 12")
@@ -424,6 +427,7 @@ def test_report_html_opens_from_disk_with_no_network(judged, browser, tmp_path):
         f.write(json.dumps(dict(item=1, id="id-00", study="other.jsonl", model_a="x", model_b="y", choice="A")) + "\n")
     mixed = run_eval("--task=report", f"--annotations={tmp_path}/annotations", f"--out={tmp_path}/r2.md", check=False)
     assert mixed.returncode != 0 and "holds the choices of several studies" in mixed.stderr, mixed.stderr[-1000:]
+    (tmp_path / "annotations" / "cid.jsonl").unlink()
     assert "3752" not in md and "(unbounded)" not in md and "\n(" not in md, "an unbounded Elo has no number"
     html_path = tmp_path / "out" / "report.html"
     assert html_path.exists() and "wrote" in p.stdout
@@ -431,16 +435,43 @@ def test_report_html_opens_from_disk_with_no_network(judged, browser, tmp_path):
     try:
         w.page.goto(html_path.as_uri())
         assert w.page.locator("svg").count() >= 2 and w.page.locator("svg circle").count() >= 6, "the plots are inline SVG"
-        assert w.page.locator("details:has(> .prompt)").count() == 36, "every story of both models, folded"
-        first = w.page.locator("details").first
+        prompts = w.page.locator("details:has(> .prompt)")
+        assert prompts.count() == 18, "each prompt once, folded"
+        toc = w.page.locator("nav.toc p").all_inner_texts()
+        assert [t.split(":")[0] for t in toc] == [f"{b} (6 prompts)" for b, _ in ev.BUCKETS], f"contents by bucket: {toc}"
+        assert w.page.locator("nav.toc a").count() == 18, "a link to each prompt"
+        w.page.locator("nav.toc a").nth(7).click()  # the second bucket's second prompt
+        second = w.page.locator("details:has(> .prompt)").nth(7)
+        assert second.evaluate("d => location.hash === '#' + d.id"), "the contents link leads to its prompt"
+        first = prompts.first
         first.locator("> summary").click()
-        assert first.locator(".story").inner_text().startswith(HOSTILE.strip()), "a story is shown as text"
-        assert first.locator(".scores td.n").count() == 16, "with the judge's 16 scores"
-        first.locator("summary", has_text="the judge's reply").click()
-        assert "Prompt Adherence:" in first.inner_text(), "and its reply"
+        summary = first.locator("> summary").inner_text()
+        assert "polaris-9b SQ" in summary and "qwen-base SQ" in summary, f"each model's SQ beside the prompt: {summary}"
+        a, b = first.locator(".cols > article").all()
+        assert a.locator("h4").inner_text() == "polaris-9b" and b.locator("h4").inner_text() == "qwen-base"
+        box_a, box_b = a.bounding_box(), b.bounding_box()
+        assert box_a["y"] == box_b["y"] and box_b["x"] > box_a["x"] + box_a["width"] / 2, "side by side"
+        assert a.locator(".story").inner_text().startswith(HOSTILE.strip()), "a story is shown as text"
+        a.locator("summary", has_text="16 scores").click()
+        assert a.locator(".scores td.n").count() == 16, "with the judge's 16 scores"
+        a.locator("summary", has_text="the judge's reply").click()
+        assert "Prompt Adherence:" in a.inner_text(), "and its reply"
         w.page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     finally:
         w.close()
     assert not w.dialogs and not w.refused, f"dialogs {w.dialogs}, requests {w.refused}"
     assert not re.search(r"<(script|link|img)\b", html_path.read_text().split("<main>")[0]), "nothing loaded in the head"
     assert not re.search(r"(src|href)=['\"]?(https?:)?//", html_path.read_text()), "no external address"
+    assert "high agreement but low kappa" in md, "why kappa can be low beside high agreement, in one sentence"
+    # another report to the same files: refused, naming them, unless --force; the same report again is written
+    written = (report.read_bytes(), html_path.read_bytes())
+    other = run_eval("--task=report", f"--gens={gens[0]}", f"--pairs={root}/pairs.jsonl", f"--out={report}", check=False)
+    assert other.returncode != 0 and f"error: {report} and {html_path} hold a report of " in other.stderr \
+        and "--force=True" in other.stderr and len(other.stderr.strip().splitlines()) == 1, other.stderr[-1000:]
+    assert (report.read_bytes(), html_path.read_bytes()) == written, "nothing written over"
+    again = run_eval("--task=report", f"--gens={','.join(gens)}", f"--pairs={root}/pairs.jsonl",
+                     f"--annotations={tmp_path}/annotations", f"--out={report}", "--n_boot=50")
+    assert "writing over" not in again.stdout and "wrote" in again.stdout, "its own report of the same inputs: rewritten"
+    forced = run_eval("--task=report", f"--gens={gens[0]}", f"--out={report}", "--force=True", "--n_boot=50")
+    assert f"writing over {report} and {html_path}, a report of " in forced.stdout, forced.stdout[-1000:]
+    assert "qwen-base" not in report.read_text(), "--force=True wrote the other report"

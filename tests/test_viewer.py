@@ -1,18 +1,25 @@
-"""The training run in a browser (eval.py --task=rollouts): a real tiny run's folder, a run that is
-still writing, a folder from before steps counted from 1, and the line index that keeps a 150 MB
-rollouts.jsonl out of memory (bench.py times that file)."""
+"""The training run in a browser (eval.py --task=rollouts): a real tiny run's folder, a run followed
+from before it starts, a run that is still writing, one that stopped, a folder from before steps
+counted from 1, and the line index that keeps a 150 MB rollouts.jsonl out of memory (bench.py
+times that file)."""
 import json
 import os
 import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 import tracemalloc
 
 import pytest
 import requests
 
 import pages
+import rundir
 from test_study import HOSTILE, Watched, start_page, stop_page
-from test_train import train
+from test_train import ENV, train
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +159,81 @@ def test_off_the_loopback_the_viewer_asks_for_the_token(run):
         assert "Group 0" in requests.Session().get(url, timeout=30).text
     finally:
         stop_page(server)
+
+
+def test_the_viewer_follows_a_run_from_before_it_starts(browser, tmp_path):
+    """The viewer started on a folder that does not exist yet; a short run started into it; the
+    page, never reloaded by the test, goes from waiting to the run's steps to finished, then asks
+    nothing more. The human reference's card stands out; Ctrl-C prints the run's next commands."""
+    from local_judge import serve_local
+    folder = tmp_path / "later" / "tiny"
+    server, url = serve(folder)
+    judge, judge_url = serve_local(latency=2.5)  # each step takes 2.5 s or more: time for the page to show it
+    w = Watched(browser, lambda u: u.startswith(url))
+    page, seen = w.page, []
+    try:
+        page.goto(url)
+        assert "does not exist yet" in page.locator("#status").inner_text(), "it says it is waiting"
+        run = subprocess.Popen([sys.executable, "train.py", "config/tiny.py", f"--out_dir={folder}", "--max_steps=2",
+                                "--batch_groups=1", "--max_new_tokens=16", f"--judge_url={judge_url}"], env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 240
+        while not (seen and seen[-1][0].startswith("finished")) and time.monotonic() < deadline:
+            try:  # what the page shows now; it may be reloading itself
+                now = (page.locator("#status").get_attribute("data-state", timeout=2000),
+                       page.locator("h1").inner_text(timeout=2000))
+            except Exception:  # noqa: BLE001 -- a page being replaced by its reload
+                continue
+            if not seen or seen[-1] != now:
+                seen.append(now)
+            time.sleep(0.2)
+        assert run.wait(timeout=120) == 0, run.stderr.read()[-2000:]
+        states = [state.split()[0] for state, _ in seen]
+        assert states[0] == "waiting" and "running" in states and states[-1] == "finished", f"followed: {seen}"
+        assert any(re.search(r"step [01]$", h1) for _, h1 in seen), f"the page of a step before the last: {seen}"
+        assert seen[-1][1].endswith("step 2") and page.locator("#status").inner_text() == "finished: all 2 steps", seen
+        asked = len(w.requests)
+        time.sleep(2.5)  # longer than the 2 s between two questions of a page that still follows
+        assert len(w.requests) == asked and page.locator("script").count() == 0, "a finished run's page asks no more"
+        colour = lambda css: page.locator(css).first.evaluate("e => getComputedStyle(e).backgroundColor")
+        assert colour(".card.ref") == "rgb(255, 246, 220)" != colour(".card:not(.ref)"), "the human reference stands out"
+    finally:
+        judge.shutdown()
+        server.send_signal(signal.SIGINT)
+        out, _ = server.communicate(timeout=60)
+        w.close()
+    assert f"python eval.py --task=generate --model={folder}/ckpt_000002 --name=tiny" in out, out[-2000:]
+    assert w.requests.count(url) >= 4 and not w.refused and not w.dialogs, "the page reloaded itself, and only that"
+
+
+def test_a_run_that_stopped_is_shown_stopped(run, tmp_path):
+    """Whether a run may still change, from run.json's settings in force and its run.lock: a live
+    lock follows the run on every page (the step-0 page too), a run whose lock is gone or whose
+    process died before its max_steps is stopped at its last step, and its page asks nothing."""
+    folder = tmp_path / "stopped"
+    shutil.copytree(run, folder)
+    meta = json.load(open(folder / "run.json"))
+    meta["starts"].append(dict(step=3, world_size=1, changed={"max_steps": [3, 5]}))  # resumed for 5 steps
+    (folder / "run.json").write_text(json.dumps(meta))
+    assert rundir.settings(str(folder))["max_steps"] == 5, "the first start's settings, then each start's changes"
+    app = pages.run_viewer(str(folder))
+    body = app("GET", "/", {})[1]
+    assert app.status() == ("stopped", "stopped at step 3 of 5") and "stopped at step 3 of 5" in body, body[:2000]
+    assert "<script>" not in body, "a stopped run's page asks nothing"
+    lock = lambda pid: (folder / "run.lock").write_text(json.dumps(dict(pid=pid, host=socket.gethostname(), since="")))
+    lock(os.getpid())  # a live run holds the lock
+    assert app.status() == ("running", "running: 3 of 5 steps done") and "<script>" in app("GET", "/", {"step": "1"})[1]
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock(gone.pid)  # the run was killed: its lock stays, its process is gone
+    assert app.status()[0] == "stopped"
+    early = tmp_path / "early"  # a live run at its held-out evaluation of step 0, before its first step
+    early.mkdir()
+    shutil.copy(folder / "run.json", early)
+    (early / "metrics.jsonl").write_text(json.dumps(dict(step=0, heldout_sq=-25.4, heldout_length_ratio=0.12)) + "\n")
+    (early / "run.lock").write_text((folder / "run.lock").read_text().replace(str(gone.pid), str(os.getpid())))
+    body = pages.run_viewer(str(early))("GET", "/", {})[1]
+    assert "step 0</h1>" in body and "running: 0 of 5 steps done" in body and "<script>" in body, body[:3000]
+    ticks = re.findall(r"text-anchor=end font-size=12>([^<]+)<", pages.chart("Length ratio", [("held-out", [(0, 0.12, None, None)])]))
+    assert min(map(float, ticks)) >= 0 and min(map(float, ticks)) <= 0.12 < max(map(float, ticks)) < 0.5, \
+        f"the axis starts where the data do: {ticks}"
