@@ -48,7 +48,7 @@ def holder(path, stale_s):
         return held, False
     except PermissionError:
         pass  # another user's process
-    return held, held["pid"] != os.getpid()
+    return held, True
 
 
 def take_lock(path, stale_s):
@@ -71,14 +71,15 @@ def take_lock(path, stale_s):
                 os.remove(path)
             raise ValueError(f"cannot write {path}: {e.strerror}") from None
         held, alive = holder(path, stale_s)
+        alive = alive and held != me and held.get("pid") != me["pid"]  # not this process's own
         age = time.time() - os.path.getmtime(path) if os.path.exists(path) else math.inf
         if alive and age < stale_s:
             raise ValueError(f"{path} is in use by pid {held['pid']} on {held.get('host')} since {held.get('since')} "
                              f"(refreshed {age:.0f} s ago, taken over after {stale_s:g} s): wait for it, stop it, or use "
                              "another folder")
         print(f"taking over {path}" + (": it holds no lock this code wrote" if not held else
-              f" from pid {held['pid']} on {held.get('host')}: " + (f"not refreshed for {age:.0f} s" if alive
-                                                                     else "not running")))
+              f" from pid {held['pid']} on {held.get('host')}: " + ("not running" if held.get("host") == me["host"]
+                                                                     and not alive else f"not refreshed for {age:.0f} s")))
         if os.path.exists(path):
             os.remove(path)
     else:
