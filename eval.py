@@ -18,6 +18,8 @@ and the pages that show the stories.
     python eval.py --task=report --gens=out/eval/tiny.jsonl,out/eval/base.jsonl --annotations=out/study/annotations
     # 6. a training run in the browser
     python eval.py --task=rollouts --run=out/tiny [--port=8801]
+    # 7. training runs side by side: grouped by the settings in which they differ, the spread over seeds
+    python eval.py --task=compare --runs=out/hri/s1-ref1,out/hri/s1-ref0,... --out=out/hri/compare.md
 
 Every output is JSONL written a row at a time and resumable: rows already there are skipped,
 and an interrupted run's half-written last line is dropped, never the rest of the file.
@@ -41,6 +43,7 @@ from itertools import combinations
 
 import numpy as np
 
+import compare
 import judge as judge_lib
 import judge_http
 import jsonl
@@ -854,17 +857,32 @@ def rollouts():
     pages.serve(pages.run_viewer(run), host, port, f"the run viewer for {run}")
 
 
+def compare_runs():
+    """Training runs side by side (compare.py): grouped by the settings in which they differ, the
+    spread over seeds; --out (PATH.md) and, with its stem, a self-contained PATH.html."""
+    dirs = [d for d in runs.split(",") if d]
+    if len(dirs) < 2:
+        fail("--task=compare needs --runs=OUT_DIR,OUT_DIR,...: two or more training runs' folders")
+    md_path = out or "out/compare.md"
+    html_path = (md_path[: -len(".md")] if md_path.endswith(".md") else md_path) + ".html"
+    c = compare.compare(dirs, windows)
+    jsonl.write_text(md_path, compare.markdown(c, os.path.basename(html_path)))
+    jsonl.write_text(html_path, compare.page(c))
+    print(compare.markdown(c) + f"\nwrote {md_path} and {html_path} (open it in a browser: file://"
+          f"{os.path.abspath(html_path)}); each run's stories, live: python eval.py --task=rollouts --run={','.join(dirs)}")
+
+
 TASKS = dict(generate=generate, score=score, pairwise=pairwise, elo=elo, study=draw_study, annotate=annotate, report=report,
-             rollouts=rollouts)
+             rollouts=rollouts, compare=compare_runs)
 
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     from configurator import check_ranges, configure
     # task
-    task = "generate"  # generate | score | pairwise | elo | study | annotate | report | rollouts
+    task = "generate"  # generate | score | pairwise | elo | study | annotate | report | rollouts | compare
     prompts = "data/eval/prompts.jsonl"
-    out = ""  # generate: the generations file; elo: ratings.json; study: the study file; report: report.md
+    out = ""  # generate: the generations file; elo: ratings.json; study: the study file; report, compare: PATH.md
     gens = ""  # comma-separated generation files (score, pairwise, study, report)
     pairs = _PAIRS = "out/eval/pairs.jsonl"  # pairwise writes it; elo and report read it (comma-separated for several)
     limit = 0  # generate: only the first N prompts (0: all)
@@ -879,6 +897,8 @@ if __name__ == "__main__":
     annotator = ""  # annotate: the annotator's name, which names annotations/NAME.jsonl
     annotations = ""  # report: the folder of annotation files
     run = ""  # rollouts: a training run's out_dir
+    runs = ""  # compare: training runs' out_dirs, comma-separated
+    windows = ""  # compare: steps averaged, such as '1-10,51-60' ('': the first and the last ten)
     host, port = "127.0.0.1", 0  # annotate, rollouts: the page's address (port 0: any free one); elsewhere a token is asked
     # generation: within the card's recommended ranges; no presence penalty (the card allows 0.0-1.5;
     # training uses 1.0 against loops in long rollouts, evaluation measures the model as it is)

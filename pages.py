@@ -92,17 +92,21 @@ def _ticks(lo, hi, n=5):
     return [first + k * step for k in range(int((hi - first) / step + 1.999))]
 
 
-def chart(title, series, y_label="", x_labels=None, x_label="", mark=None, w=560, h=300):
+def chart(title, series, y_label="", x_labels=None, x_label="", mark=None, w=560, h=300, band=False, thin=()):
     """An SVG plot. series: [(name, [(x, y, lo, hi), ...])], lo/hi a 95% interval or None; NaN
     points are left out. x_labels {x: label} marks categories (each series shifted a little so
     that the whiskers stay apart); else numeric ticks on x. Points of a series are joined; `mark`
-    (value, label) draws a dashed line at that value, a target such as the requested length."""
+    (value, label) draws a dashed line at that value, a target such as the requested length.
+    band: lo/hi drawn as a shaded band along the line, not as whiskers (a spread over runs);
+    thin: [(k, [(x, y), ...])], thin lines in series k's colour beneath it (each run of a group)."""
     pts = [(x, v) for _, ps in series for x, y, lo, hi in ps for v in (y, lo, hi)
-           if v is not None and math.isfinite(v)]
+           if v is not None and math.isfinite(v)] + [(x, y) for _, ps in thin for x, y in ps if math.isfinite(y)]
     if not pts:
         return f"<p class=muted>{esc(title)}: nothing to plot yet.</p>"
     pts += [(pts[0][0], mark[0])] if mark else []
-    series = [(name, ps) for name, ps in series if any(y is not None and math.isfinite(y) for _, y, _, _ in ps)]
+    # a series keeps its colour when another has nothing to plot: a group is one colour in every chart
+    series = [(k, name, ps) for k, (name, ps) in enumerate(series)
+              if any(y is not None and math.isfinite(y) for _, y, _, _ in ps)]
     lo, hi = min(v for _, v in pts), max(v for _, v in pts)
     pad = 0.04 * (hi - lo)  # a line at the minimum stays off the frame, and data >= 0 keeps an axis >= 0
     yt = _ticks(max(lo - pad, 0) if lo >= 0 else lo - pad, hi + pad)
@@ -130,14 +134,22 @@ def chart(title, series, y_label="", x_labels=None, x_label="", mark=None, w=560
     if y_label:
         out.append(f"<text transform='translate(14 {(top + h - bottom) / 2:.0f}) rotate(-90)' text-anchor=middle "
                    f"font-size=12>{esc(y_label)}</text>")
-    for k, (name, ps) in enumerate(series):
-        colour, dx = COLOURS[k % len(COLOURS)], ((k - (len(series) - 1) / 2) * 0.12 if x_labels else 0)
+    for j, (k, name, ps) in enumerate(series):
+        colour, dx = COLOURS[k % len(COLOURS)], ((j - (len(series) - 1) / 2) * 0.12 if x_labels else 0)
         ps = [(x + dx, y, lo, hi) for x, y, lo, hi in ps if y is not None and math.isfinite(y)]
+        spread = [(x, lo, hi) for x, _, lo, hi in ps if lo is not None and hi is not None and math.isfinite(lo + hi)]
+        if band and len(spread) > 1:
+            out.append(f"<polygon fill={colour} fill-opacity=0.15 stroke=none points='" + " ".join(
+                f"{X(x):.1f},{Y(v):.1f}" for x, v in [(x, hi) for x, _, hi in spread] + [(x, lo) for x, lo, _ in spread[::-1]])
+                + "' />")
+        for line in [ys for i, ys in thin if i == k and len(ys) > 1]:
+            out.append(f"<polyline fill=none stroke={colour} stroke-width=0.8 stroke-opacity=0.7 points='"
+                       + " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in line if math.isfinite(y)) + "' />")
         if len(ps) > 1:
             out.append(f"<polyline fill=none stroke={colour} stroke-width=1.6 points='"
                        + " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y, _, _ in ps) + "' />")
         for x, y, lo, hi in ps:
-            if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
+            if not band and lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
                 out.append(f"<line x1={X(x):.1f} x2={X(x):.1f} y1={Y(lo):.1f} y2={Y(hi):.1f} stroke={colour} />"
                            + "".join(f"<line x1={X(x) - 4:.1f} x2={X(x) + 4:.1f} y1={Y(v):.1f} y2={Y(v):.1f} "
                                      f"stroke={colour} />" for v in (lo, hi)))
@@ -145,7 +157,7 @@ def chart(title, series, y_label="", x_labels=None, x_label="", mark=None, w=560
                 out.append(f"<circle cx={X(x):.1f} cy={Y(y):.1f} r=3.2 fill={colour}><title>{esc(name)}: "
                            f"{y:.3g}</title></circle>")
     legend = "".join(f"<span style='margin-right:1rem'><span style='color:{COLOURS[k % len(COLOURS)]}'>&#9632;</span> "
-                     f"{esc(name)}</span>" for k, (name, _) in enumerate(series))
+                     f"{esc(name)}</span>" for k, name, _ in series)
     return (f"<figure style='margin:.5rem 1rem .5rem 0;display:inline-block;vertical-align:top'>"
             f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {w} {h}' width={w} height={h} "
             f"font-family='system-ui,sans-serif' role=img aria-label='{esc(title)}'>{''.join(out)}</svg>"
