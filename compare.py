@@ -390,3 +390,23 @@ def page(c, served=False):
     sections.append(("How these numbers are made", f"<p>{pages.esc(HOW)}</p>"))
     return pages.report_page("Runs compared", sections)
 
+
+def viewer(run_dirs, windows=""):
+    """app(method, path, params) for several runs: / is their comparison, computed anew from their
+    files at each request (it follows runs in progress), and /run/K/ is run K's viewer."""
+    apps = [pages.run_viewer(d, back="../../") for d in run_dirs]
+
+    def app(method, route, params):
+        if route == "/":
+            c = compare(run_dirs, windows)
+            body = page(c, served=True)
+            if any(r["status"] == "training" for r in c["runs"]):  # the browser asks again every 30 seconds
+                body = body.replace("<title>", "<meta http-equiv=refresh content=30><title>", 1)
+            return 200, body, {}
+        m = re.fullmatch(r"/run/(\d+)(/.*)?", route)
+        if not m or not 1 <= int(m.group(1)) <= len(apps):
+            return 404, pages.page("Not found", "<h1>Not found</h1><a href='/'>the comparison</a>"), {}
+        if not m.group(2):  # the run's page links relative to its folder
+            return 303, "", {"Location": f"/run/{m.group(1)}/"}
+        return apps[int(m.group(1)) - 1](method, m.group(2), params)
+    return app

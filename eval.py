@@ -18,6 +18,7 @@ and the pages that show the stories.
     python eval.py --task=report --gens=out/eval/tiny.jsonl,out/eval/base.jsonl --annotations=out/study/annotations
     # 6. a training run in the browser
     python eval.py --task=rollouts --run=out/tiny [--port=8801]
+    python eval.py --task=rollouts --run=out/hri/s1-ref1,out/hri/s1-ref0,...   # several: their comparison, live
     # 7. training runs side by side: grouped by the settings in which they differ, the spread over seeds
     python eval.py --task=compare --runs=out/hri/s1-ref1,out/hri/s1-ref0,... --out=out/hri/compare.md
 
@@ -851,7 +852,13 @@ def stories_html(gens_file, label, rows):
 
 
 def rollouts():
-    """A training run in the browser: its charts and each step's stories, served until Ctrl-C."""
+    """A training run in the browser: its charts and each step's stories, served until Ctrl-C.
+    Several runs (--run=A,B,...): their comparison (compare.py), live, linking to each run's viewer."""
+    dirs = [d for d in run.split(",") if d]
+    if len(dirs) > 1:
+        compare.compare(dirs, windows)  # runs that cannot be compared are refused before the server starts
+        pages.serve(compare.viewer(dirs, windows), host, port, f"the comparison of {len(dirs)} runs")
+        return
     if not run or not any(os.path.exists(os.path.join(run, f)) for f in ("metrics.jsonl", "rollouts.jsonl")):
         fail(f"--task=rollouts needs --run=OUT_DIR, a training run's folder: {run!r} holds no metrics.jsonl or rollouts.jsonl")
     pages.serve(pages.run_viewer(run), host, port, f"the run viewer for {run}")
@@ -896,9 +903,9 @@ if __name__ == "__main__":
     study = ""  # annotate: the study file
     annotator = ""  # annotate: the annotator's name, which names annotations/NAME.jsonl
     annotations = ""  # report: the folder of annotation files
-    run = ""  # rollouts: a training run's out_dir
+    run = ""  # rollouts: a training run's out_dir (several, comma-separated: their comparison, each run linked)
     runs = ""  # compare: training runs' out_dirs, comma-separated
-    windows = ""  # compare: steps averaged, such as '1-10,51-60' ('': the first and the last ten)
+    windows = ""  # compare, rollouts of several runs: steps averaged, such as '1-10,51-60' ('': the first and last ten)
     host, port = "127.0.0.1", 0  # annotate, rollouts: the page's address (port 0: any free one); elsewhere a token is asked
     # generation: within the card's recommended ranges; no presence penalty (the card allows 0.0-1.5;
     # training uses 1.0 against loops in long rollouts, evaluation measures the model as it is)

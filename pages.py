@@ -369,10 +369,11 @@ class LineIndex:
         return out
 
 
-def run_viewer(out_dir):
+def run_viewer(out_dir, back=""):
     """app(method, path, params) for a run folder: the charts of metrics.jsonl, and a step's groups
     from rollouts.jsonl. A folder from before run.json counted steps from 0 in its files and kept
-    each reference's text in its rows: shown with steps from 1 all the same."""
+    each reference's text in its rows: shown with steps from 1 all the same. Links are relative, so
+    that the viewer can be served under a path of its own; `back` links to the page above it."""
     rollouts, refs = LineIndex(os.path.join(out_dir, "rollouts.jsonl"), "step"), LineIndex(
         os.path.join(out_dir, "references.jsonl"), "id")
     lock = threading.Lock()  # the indexes grow as they are read: one request at a time
@@ -404,13 +405,13 @@ def run_viewer(out_dir):
         try:
             step = int(params.get("step") or (steps[-1] if steps else 0))
         except ValueError:
-            return 400, page("Bad step", f"<h1>No step {esc(params.get('step'))}</h1><a href='/'>the latest step</a>"), {}
+            return 400, page("Bad step", f"<h1>No step {esc(params.get('step'))}</h1><a href='.'>the latest step</a>"), {}
         latest = "step" not in params
         stories = rollouts.rows(step - shift)
         for r in stories:
             if r.get("story") is None and r.get("is_ref"):
                 r["story"] = next((x["story"] for x in refs.rows(r["id"])), "(the reference's text is not in references.jsonl)")
-        body = run_page(out_dir, steps, step, metrics, stories)
+        body = run_page(out_dir, steps, step, metrics, stories, back)
         if latest and steps and steps[-1] < max_steps():  # a run still going: the browser asks again every 30 seconds
             body = body.replace("<title>", "<meta http-equiv=refresh content=30><title>", 1)
         return 200, body, {}
@@ -443,12 +444,13 @@ def story_card(r, label):
             + f"<div class=story style='max-height:24em;overflow-y:auto;font-size:15px'>{esc(r['story'])}</div></div>")
 
 
-def run_page(out_dir, steps, step, metrics, stories):
+def run_page(out_dir, steps, step, metrics, stories, back=""):
     """A step of a run: the charts, the step's numbers, its best and worst story, and each group's
     stories side by side beside its prompt, the human reference marked."""
-    nav = "".join(f"<a href='/?step={s}'>{label}</a>" for s, label in (
+    nav = "".join(f"<a href='?step={s}'>{label}</a>" for s, label in (
         (steps[0] if steps else None, "first"), (step - 1, "previous"), (step + 1, "next"), (steps[-1] if steps else None, "latest"))
         if s in steps)
+    nav = (f"<a href='{esc(back)}'>all runs</a>" if back else "") + nav
     form = (f"<form method=get style='display:inline'>step <input name=step type=number min=1 value={step} "
             f"style='width:5em'> <button>show</button></form> of {len(steps)} logged")
     m = metrics.get(step, {})

@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -183,9 +184,10 @@ def test_grouping_by_the_settings_that_differ(tmp_path):
     assert runs[3]["status"] == "stopped" and "stopped at step 12 of 20" in compare.status_text(runs[3]), \
         "a run short of max_steps without a live lock stopped without finishing"
     del runs[1]["config"]["learning_rate"]  # a run.json from before a setting existed
-    assert compare.group(runs[:2])[1][1][0] == "learning_rate=(not in run.json)"
-    assert compare.group(runs[:1])[1][0][0] == "all runs"
-    assert compare.windows_of("", runs) == [(1, 10), (11, 20)] and compare.windows_of("3-5,7-7", runs) == [(3, 5), (7, 7)]
+    assert compare.group(runs[:2])[1][1][0] == "learning_rate=(not in run.json)", "a setting an older run lacks"
+    assert compare.group(runs[:1])[1][0][0] == "all runs", "runs that differ by seed alone are one group"
+    assert compare.windows_of("", runs) == [(1, 10), (11, 20)] and compare.windows_of("3-5,7-7", runs) == [(3, 5), (7, 7)], \
+        "the first and the last ten steps, or the windows asked for"
     for text, message in (("1-30", "ends at step 20"), ("10-5", "FIRST-LAST"), ("last", "FIRST-LAST")):
         with pytest.raises(ValueError, match=message):
             compare.windows_of(text, runs)
@@ -222,7 +224,7 @@ def test_the_page_from_disk_in_a_browser(compared, browser):
     page = w.page
     try:
         page.goto(url)
-        assert page.locator("h1").inner_text() == "Runs compared"
+        assert page.locator("h1").inner_text() == "Runs compared", "the page opens from disk"
         assert page.locator("figure svg").count() == len(compare.METRICS), "a chart per metric"
         assert page.locator("svg polygon").count() >= 2 * 6, "each group's band from its lowest to its highest run"
         assert page.locator("svg polyline[stroke-width='0.8']").count() >= 6 * 5, "each run a thin line"
@@ -234,3 +236,45 @@ def test_the_page_from_disk_in_a_browser(compared, browser):
     finally:
         w.close()
     assert w.requests == [url] and not w.dialogs, f"no request but the file: {w.requests}, dialogs {w.dialogs}"
+
+
+def test_the_viewer_of_several_runs(tmp_path, browser):
+    """A real tiny run (the format train.py writes) and a copy of it as the other arm: the task's
+    numbers from its metrics.jsonl; the viewer serves their comparison at / and each run under its
+    own path, with relative links that stay there and a link back."""
+    import requests
+    from test_study import Watched, start_page, stop_page
+    from test_train import FAST, train
+    real, other = tmp_path / "real", tmp_path / "other"
+    train(real, "--max_steps=2", *FAST)
+    shutil.copytree(real, other)
+    meta = json.loads((other / "run.json").read_text())
+    meta["config"].update(n_ref=0, out_dir=str(other))
+    (other / "run.json").write_text(json.dumps(meta))
+    rewards = [json.loads(line)["reward"] for line in open(real / "metrics.jsonl")]
+    c = compare.compare([str(real), str(other)])
+    assert c["spans"] == [(1, 2)] and [name for name, _ in c["groups"]] == ["n_ref=1", "n_ref=0"], c["groups"]
+    assert c["stats"]["n_ref=1", "reward", (1, 2)]["mean"] == pytest.approx(statistics.fmean(rewards)), "read as written"
+    server, url = start_page("--task=rollouts", f"--run={real},{other}")
+    w = Watched(browser, lambda u: u.startswith(url))
+    page = w.page
+    try:
+        page.goto(url)
+        assert page.locator("h1").inner_text() == "Runs compared" and page.locator("figure svg").count() == 6, \
+            "the comparison at /, its charts (held-out SQ is off in this run)"
+        page.locator("a[href='run/2/']").click()
+        page.wait_for_selector("h1:has-text('step 2')")
+        assert page.url == url + "run/2/" and str(other) in page.locator("h1").inner_text(), "run 2's viewer, under /run/2/"
+        page.get_by_role("link", name="previous").click()
+        page.wait_for_selector("h1:has-text('step 1')")
+        assert page.url == url + "run/2/?step=1", f"a step's link stays under the run's path: {page.url}"
+        page.get_by_role("link", name="all runs").click()
+        page.wait_for_selector("h1:has-text('Runs compared')")
+        assert page.url == url, "and a link back to the comparison"
+        assert requests.get(url + "run/3/", timeout=30).status_code == 404, "no run 3"
+        r = requests.get(url + "run/1", timeout=30)
+        assert r.url == url + "run/1/" and str(real) in r.text, "a run's path without its slash is redirected"
+    finally:
+        stop_page(server)
+        w.close()
+    assert not w.refused and not w.dialogs, f"requests refused {w.refused}, dialogs {w.dialogs}"
