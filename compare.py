@@ -4,7 +4,7 @@ which their configs differ, their curves overlaid, and for each group the spread
 with a 95% interval, so that "does this setting help?" is answered against the seeds' own noise.
 
     python eval.py --task=compare --runs=out/hri/s1337-ref1,out/hri/s1337-ref0,... --out=out/hri/compare.md
-    python eval.py --task=rollouts --run=out/hri/s1337-ref1,out/hri/s1337-ref0,...  # live, with each run's stories
+    python eval.py --task=rollouts --run=out/hri/s1337-ref1,out/hri/s1337-ref0,...   # live, with the stories
 
 The numbers are plain functions (numpy only; the t quantile is computed here, no scipy); the page
 is made with pages.py's kit and opens from disk with no network.
@@ -24,15 +24,16 @@ import pages
 import preflight
 
 # (metrics.jsonl key, name, format): what is charted and tabled
-METRICS = [("reward", "reward", ".1f"), ("sq", "SQ (training judge)", ".1f"), ("heldout_sq", "held-out SQ", ".1f"),
-           ("length_ratio", "length ratio", ".3f"), ("ref_adv", "reference's advantage", ".2f"),
-           ("ref_nll", "reference NLL / token", ".2f"), ("entropy", "entropy", ".2f")]
+METRICS = [("reward", "reward", ".1f"), ("sq", "SQ (training judge)", ".1f"),
+           ("heldout_sq", "held-out SQ", ".1f"), ("length_ratio", "length ratio", ".3f"),
+           ("ref_adv", "reference's advantage", ".2f"), ("ref_nll", "reference NLL / token", ".2f"),
+           ("entropy", "entropy", ".2f")]
 
 # settings that runs compared must share: with another value the numbers measure something else,
 # not the effect of a setting. Such runs are refused by name; compare them in a command of their own.
 SAME = dict(train_data="other training prompts", init_from="another model", tiny_vocab="another tiny model",
-            tiny_hidden="another tiny model", tiny_layers="another tiny model", group_size="another group size",
-            eval_data="other held-out prompts")
+            tiny_hidden="another tiny model", tiny_layers="another tiny model",
+            group_size="another group size", eval_data="other held-out prompts")
 
 # settings that cannot change what a run computes, left out of the grouping: where it writes, how it
 # was started, how it logs, when it saves, how long it waits, what it costs. Seed is what a group
@@ -43,9 +44,10 @@ INERT = dict(out_dir="where it writes", seed="the runs of a group differ by seed
              keep_last="checkpoints on disk", lock_stale_s="a wait", dist_timeout_s="a wait",
              device_memory_gb="a memory check", judge_workers="requests at once", judge_timeout="a wait",
              judge_backoff_max="a wait", judge_key_env="the key's variable", judge_price_in="the cost shown",
-             judge_price_out="the cost shown", eval_judge_workers="requests at once", eval_judge_timeout="a wait",
-             eval_judge_backoff_max="a wait", eval_judge_key_env="the key's variable",
-             eval_judge_price_in="the cost shown", eval_judge_price_out="the cost shown")
+             judge_price_out="the cost shown", eval_judge_workers="requests at once",
+             eval_judge_timeout="a wait", eval_judge_backoff_max="a wait",
+             eval_judge_key_env="the key's variable", eval_judge_price_in="the cost shown",
+             eval_judge_price_out="the cost shown")
 
 # -----------------------------------------------------------------------------
 # the numbers
@@ -117,9 +119,12 @@ def verdict(d, a, b, name_a, name_b):
 
 def window_mean(rows, key, span):
     """A run's mean of one metric over the steps span = (first, last), NaN steps left out."""
-    v = [rows[s][key] for s in range(span[0], span[1] + 1) if s in rows and isinstance(rows[s].get(key), (int, float))
-         and math.isfinite(rows[s][key])]
+    v = [x for x in (rows.get(s, {}).get(key) for s in range(span[0], span[1] + 1)) if finite(x)]
     return float(np.mean(v)) if v else math.nan
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 # -----------------------------------------------------------------------------
 # the runs: read, checked, grouped
@@ -163,8 +168,8 @@ def read_run(out_dir):
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError:
-        raise ValueError(f"{path}: missing: {out_dir} is not a training run's out_dir, or is from before run.json "
-                         "(resume it once with --resume=auto to write one)") from None
+        raise ValueError(f"{path}: missing: {out_dir} is not a training run's out_dir, or is from before "
+                         "run.json (resume it once with --resume=auto to write one)") from None
     except ValueError as e:
         raise ValueError(f"{path}: not JSON ({e})") from None
     config = meta.get("config") if isinstance(meta, dict) else None
@@ -175,8 +180,8 @@ def read_run(out_dir):
         if isinstance(r, dict) and isinstance(r.get("step"), int):
             rows.setdefault(r["step"], {}).update(r)
     last = max(rows, default=0)
-    status = ("finished" if last >= config["max_steps"] else "training" if training(out_dir, config.get("lock_stale_s", 120))
-              else "stopped")
+    status = ("finished" if last >= config["max_steps"] else
+              "training" if training(out_dir, config.get("lock_stale_s", 120)) else "stopped")
     return dict(out_dir=out_dir, config=config, seed=config.get("seed"), rows=rows, last=last, status=status,
                 changed=changed_settings(meta))
 
@@ -187,8 +192,10 @@ def status_text(run):
             "stopped": f"stopped at step {run['last']} of {m} without finishing"}[run["status"]]
 
 
-def value_text(v):
-    return json.dumps(v) if isinstance(v, (dict, list)) else "(not in run.json)" if v is _MISSING else str(v)
+def setting(run, key):
+    """A setting's value as text: the name of a group, the reason of a refusal."""
+    v = run["config"].get(key, _MISSING)
+    return "(not in run.json)" if v is _MISSING else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
 
 
 _MISSING = object()  # a setting an older run.json does not hold
@@ -197,9 +204,8 @@ _MISSING = object()  # a setting an older run.json does not hold
 def check_comparable(runs):
     """Refuse, naming each, the runs that differ from the first in a setting of SAME."""
     first = runs[0]
-    bad = [f"{r['out_dir']} has {k}={value_text(r['config'].get(k, _MISSING))} where {first['out_dir']} has "
-           f"{value_text(first['config'].get(k, _MISSING))} ({why})" for r in runs[1:] for k, why in SAME.items()
-           if r["config"].get(k, _MISSING) != first["config"].get(k, _MISSING)]
+    bad = [f"{r['out_dir']} has {k}={setting(r, k)} where {first['out_dir']} has {setting(first, k)} ({why})"
+           for r in runs[1:] for k, why in SAME.items() if setting(r, k) != setting(first, k)]
     if bad:
         raise ValueError("runs that cannot be compared: " + "; ".join(bad) + ". Runs compared must share "
                          + ", ".join(dict.fromkeys(SAME)) + ": compare these in a command of their own")
@@ -213,11 +219,10 @@ def group(runs):
     """(the settings in which the runs differ, [(group name, [runs])]) in the order given; the name
     is those settings' values, such as 'n_ref=1'."""
     keys = list(dict.fromkeys(k for r in runs for k in r["config"]))
-    differ = [k for k in keys if k not in INERT and k not in SAME
-              and len({json.dumps(r["config"].get(k, "(missing)"), sort_keys=True) for r in runs}) > 1]
+    differ = [k for k in keys if k not in INERT and k not in SAME and len({setting(r, k) for r in runs}) > 1]
     groups = {}
     for r in runs:
-        name = ", ".join(f"{k}={value_text(r['config'].get(k, _MISSING))}" for k in differ) or "all runs"
+        name = ", ".join(f"{k}={setting(r, k)}" for k in differ) or "all runs"
         groups.setdefault(name, []).append(r)
     return differ, list(groups.items())
 
@@ -233,12 +238,12 @@ def windows_of(text, runs):
     for part in text.split(","):
         m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
         if not m or not 0 <= int(m.group(1)) <= int(m.group(2)):
-            raise ValueError(f"--windows={text!r}: give steps as FIRST-LAST[,FIRST-LAST...], such as 1-10,51-60")
+            raise ValueError(f"--windows={text!r}: give steps as FIRST-LAST[,FIRST-LAST...] (1-10,51-60)")
         spans.append((int(m.group(1)), int(m.group(2))))
-    short = [r for r in runs if r["config"]["max_steps"] < max(b for _, b in spans)]
+    short = [f"{r['out_dir']} ends at step {r['config']['max_steps']}" for r in runs
+             if r["config"]["max_steps"] < max(b for _, b in spans)]
     if short:
-        raise ValueError(f"--windows={text!r}: " + ", ".join(f"{r['out_dir']} ends at step {r['config']['max_steps']}"
-                                                                for r in short) + ": give windows that every run reaches")
+        raise ValueError(f"--windows={text!r}: {', '.join(short)}: give windows that every run reaches")
     return spans
 
 
@@ -265,7 +270,8 @@ def compare(run_dirs, windows=""):
                     va, vb = stats[a, key, span]["values"], stats[b, key, span]["values"]
                     d = difference(va, vb)
                     diffs[a, b, key, span] = dict(d, verdict=verdict(d, va, vb, a, b))
-    return dict(runs=runs, differ=differ, groups=groups, spans=spans, stats=stats, missing=missing, diffs=diffs)
+    return dict(runs=runs, differ=differ, groups=groups, spans=spans, stats=stats, missing=missing,
+                diffs=diffs)
 
 # -----------------------------------------------------------------------------
 # tables: (head, rows) pairs, written as markdown and shown as HTML
@@ -294,7 +300,8 @@ def group_rows(c, name):
     for key, label, f in METRICS:
         for span in c["spans"]:
             s = c["stats"][name, key, span]
-            rows.append([label, span_text(span), num(s["mean"], f), num(s["sd"], f), s["n"], interval(s["ci"], f)])
+            rows.append([label, span_text(span), num(s["mean"], f), num(s["sd"], f), s["n"],
+                         interval(s["ci"], f)])
     return ["metric", "steps", "mean over seeds", "sd", "seeds", "95% interval"], rows
 
 
@@ -304,9 +311,13 @@ def diff_rows(c, a, b):
         for span in c["spans"]:
             d = c["diffs"][a, b, key, span]
             rows.append([label, span_text(span), num(c["stats"][a, key, span]["mean"], f),
-                         num(c["stats"][b, key, span]["mean"], f), num(d["mean"], f), interval(d["ci"], f), d["how"],
-                         d["verdict"]])
+                         num(c["stats"][b, key, span]["mean"], f), num(d["mean"], f), interval(d["ci"], f),
+                         d["how"], d["verdict"]])
     return ["metric", "steps", a, b, "difference", "95% interval", "by", "what the seeds say"], rows
+
+
+def group_title(name, runs):
+    return f"{name}: seeds {', '.join(str(r['seed']) for r in runs)}"
 
 
 def notes(c, name):
@@ -317,19 +328,20 @@ def notes(c, name):
 
 def intro(c):
     names = ", ".join(f"{name} ({len(rs)} run{'s' * (len(rs) > 1)})" for name, rs in c["groups"])
-    by = f"that differ in {', '.join(c['differ'])}: {names}" if c["differ"] else "with the same settings: one group"
-    inert = [k for k in INERT if k not in ("seed", "out_dir") and len({json.dumps(r["config"].get(k), sort_keys=True)
-                                                                       for r in c["runs"]}) > 1]
-    return (f"{len(c['runs'])} runs in {len(c['groups'])} group{'s' * (len(c['groups']) > 1)} {by}. Set aside: seed "
-            "and out_dir" + (", and " + ", ".join(f"{k} ({INERT[k]})" for k in inert) + ", which differ but cannot "
-                             "change what a run computes" if inert else "") + ".")
+    by = f"that differ in {', '.join(c['differ'])}: {names}" if c["differ"] else "with the same settings"
+    inert = [f"{k} ({why})" for k, why in INERT.items()
+             if k not in ("seed", "out_dir") and len({setting(r, k) for r in c["runs"]}) > 1]
+    n = len(c["groups"])
+    return (f"{len(c['runs'])} runs in {n} group{'s' * (n > 1)} {by}. Set aside: seed and out_dir"
+            + (f", and {', '.join(inert)}, which differ but change nothing a run computes" if inert else "")
+            + ".")
 
 
-HOW = ("For each run, the mean of a metric over the steps of a window; over a group's runs, the mean, the standard "
-       "deviation (n - 1), the number of seeds and a 95% Student t interval of the mean. A difference of two groups is "
-       "paired by seed when both hold the same seeds (the interval of the per-seed differences), else Welch's. "
-       "\"The seeds cannot tell these apart\": the interval covers 0. A run counts in a window once it has logged "
-       "the window's last step.")
+HOW = ("For each run, the mean of a metric over the steps of a window; over a group's runs, the mean, the "
+       "standard deviation (n - 1), the number of seeds and a 95% Student t interval of the mean. A "
+       "difference of two groups is paired by seed when both hold the same seeds (the interval of the "
+       "per-seed differences), else Welch's. \"The seeds cannot tell these apart\": the interval covers 0. A "
+       "run counts in a window once it has logged the window's last step.")
 
 
 def md_table(head, rows):
@@ -341,7 +353,7 @@ def markdown(c, html_name=""):
     md = ["# Runs compared", "", intro(c) + (f" Curves and runs: {html_name}" if html_name else ""), "",
           md_table(*runs_rows(c)), ""]
     for name, rs in c["groups"]:
-        md += [f"## {name}: seeds {', '.join(str(r['seed']) for r in rs)}", "", md_table(*group_rows(c, name)), ""]
+        md += [f"## {group_title(name, rs)}", "", md_table(*group_rows(c, name)), ""]
         md += [f"- {n}" for n in notes(c, name)] + ([""] if notes(c, name) else [])
     for a, b in dict.fromkeys((a, b) for a, b, _, _ in c["diffs"]):
         md += [f"## {a} against {b}", "", md_table(*diff_rows(c, a, b)), ""]
@@ -370,21 +382,22 @@ def curves(c):
 
 def page(c, served=False):
     """The comparison as one self-contained page; served: each run's name links to its viewer."""
-    training = [r for r in c["runs"] if r["status"] != "finished"]
     if served:
         where = "Each run's charts and stories: " + " ".join(
             f"<a href='run/{k}/'>{pages.esc(r['out_dir'])}</a>" for k, r in enumerate(c["runs"], 1))
     else:
         where = ("Each run's stories, with this page computed live as the runs go on: <code>python eval.py "
                  f"--task=rollouts --run={pages.esc(','.join(r['out_dir'] for r in c['runs']))}</code>")
-    sections = [("Runs", f"<p>{pages.esc(intro(c))}</p>" + pages.table(*runs_rows(c)) + f"<p>{where}</p>"),
-                ("Curves", "<p class=muted>Each group's mean over its runs (thick), a band from its lowest to its highest"
-                 " run over the steps all of its runs have logged, and each run a thin line"
-                 + (": " + ", ".join(f"{r['out_dir']} is {status_text(r)}, drawn to its last step" for r in training)
-                    if training else "") + ".</p>" + curves(c))]
+    unfinished = [f"{r['out_dir']} is {status_text(r)}, drawn to its last step" for r in c["runs"]
+                  if r["status"] != "finished"]
+    how = ("Each group's mean over its runs (thick), a band from its lowest to its highest run over the "
+           "steps all of its runs have logged, and each run a thin line" + (": " if unfinished else ".")
+           + "; ".join(unfinished))
+    sections = [("Runs", f"<p>{pages.esc(intro(c))}</p>{pages.table(*runs_rows(c))}<p>{where}</p>"),
+                ("Curves", f"<p class=muted>{pages.esc(how)}</p>{curves(c)}")]
     for name, rs in c["groups"]:
-        sections.append((f"{name}: seeds {', '.join(str(r['seed']) for r in rs)}", pages.table(
-            *group_rows(c, name), numeric=(2, 3, 4)) + "".join(f"<p class=note>{pages.esc(n)}</p>" for n in notes(c, name))))
+        left_out = "".join(f"<p class=note>{pages.esc(n)}</p>" for n in notes(c, name))
+        sections.append((group_title(name, rs), pages.table(*group_rows(c, name), numeric=(2, 3, 4)) + left_out))
     for a, b in dict.fromkeys((a, b) for a, b, _, _ in c["diffs"]):
         sections.append((f"{a} against {b}", pages.table(*diff_rows(c, a, b), numeric=(2, 3, 4))))
     sections.append(("How these numbers are made", f"<p>{pages.esc(HOW)}</p>"))

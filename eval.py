@@ -876,7 +876,8 @@ def compare_runs():
     jsonl.write_text(md_path, compare.markdown(c, os.path.basename(html_path)))
     jsonl.write_text(html_path, compare.page(c))
     print(compare.markdown(c) + f"\nwrote {md_path} and {html_path} (open it in a browser: file://"
-          f"{os.path.abspath(html_path)}); each run's stories, live: python eval.py --task=rollouts --run={','.join(dirs)}")
+          f"{os.path.abspath(html_path)}); each run's stories, live: python eval.py --task=rollouts "
+          f"--run={','.join(dirs)}")
 
 
 TASKS = dict(generate=generate, score=score, pairwise=pairwise, elo=elo, study=draw_study, annotate=annotate, report=report,
@@ -905,7 +906,7 @@ if __name__ == "__main__":
     annotations = ""  # report: the folder of annotation files
     run = ""  # rollouts: a training run's out_dir (several, comma-separated: their comparison, each run linked)
     runs = ""  # compare: training runs' out_dirs, comma-separated
-    windows = ""  # compare, rollouts of several runs: steps averaged, such as '1-10,51-60' ('': the first and last ten)
+    windows = ""  # compare, rollouts of several runs: steps averaged, '1-10,51-60' ('': the first and last ten)
     host, port = "127.0.0.1", 0  # annotate, rollouts: the page's address (port 0: any free one); elsewhere a token is asked
     # generation: within the card's recommended ranges; no presence penalty (the card allows 0.0-1.5;
     # training uses 1.0 against loops in long rollouts, evaluation measures the model as it is)

@@ -100,7 +100,8 @@ def chart(title, series, y_label="", x_labels=None, x_label="", mark=None, w=560
     band: lo/hi drawn as a shaded band along the line, not as whiskers (a spread over runs);
     thin: [(k, [(x, y), ...])], thin lines in series k's colour beneath it (each run of a group)."""
     pts = [(x, v) for _, ps in series for x, y, lo, hi in ps for v in (y, lo, hi)
-           if v is not None and math.isfinite(v)] + [(x, y) for _, ps in thin for x, y in ps if math.isfinite(y)]
+           if v is not None and math.isfinite(v)]
+    pts += [(x, y) for _, ps in thin for x, y in ps if math.isfinite(y)]
     if not pts:
         return f"<p class=muted>{esc(title)}: nothing to plot yet.</p>"
     pts += [(pts[0][0], mark[0])] if mark else []
@@ -137,11 +138,11 @@ def chart(title, series, y_label="", x_labels=None, x_label="", mark=None, w=560
     for j, (k, name, ps) in enumerate(series):
         colour, dx = COLOURS[k % len(COLOURS)], ((j - (len(series) - 1) / 2) * 0.12 if x_labels else 0)
         ps = [(x + dx, y, lo, hi) for x, y, lo, hi in ps if y is not None and math.isfinite(y)]
-        spread = [(x, lo, hi) for x, _, lo, hi in ps if lo is not None and hi is not None and math.isfinite(lo + hi)]
+        spread = [(x, lo, hi) for x, _, lo, hi in ps if None not in (lo, hi) and math.isfinite(lo + hi)]
+        edge = [(x, hi) for x, _, hi in spread] + [(x, lo) for x, lo, _ in spread[::-1]]  # the top, back below
         if band and len(spread) > 1:
-            out.append(f"<polygon fill={colour} fill-opacity=0.15 stroke=none points='" + " ".join(
-                f"{X(x):.1f},{Y(v):.1f}" for x, v in [(x, hi) for x, _, hi in spread] + [(x, lo) for x, lo, _ in spread[::-1]])
-                + "' />")
+            out.append(f"<polygon fill={colour} fill-opacity=0.15 stroke=none points='"
+                       + " ".join(f"{X(x):.1f},{Y(v):.1f}" for x, v in edge) + "' />")
         for line in [ys for i, ys in thin if i == k and len(ys) > 1]:
             out.append(f"<polyline fill=none stroke={colour} stroke-width=0.8 stroke-opacity=0.7 points='"
                        + " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in line if math.isfinite(y)) + "' />")

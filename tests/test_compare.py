@@ -18,8 +18,9 @@ import compare
 
 T975 = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 5: 2.570582, 10: 2.228139, 30: 2.042272,
         2.5: 3.574655, 3.7: 2.867521, 1000: 1.962339}  # Student t's 0.975 quantile, from published tables
-BASE = dict(train_data="data/sample/train.jsonl", init_from="tiny", group_size=6, eval_data="data/sample/heldout.jsonl",
-            max_steps=20, save_interval=20, lock_stale_s=120.0, learning_rate=0.01)
+BASE = dict(train_data="data/sample/train.jsonl", init_from="tiny", group_size=6,
+            eval_data="data/sample/heldout.jsonl", max_steps=20, save_interval=20, lock_stale_s=120.0,
+            learning_rate=0.01)
 
 
 def fake_run(folder, seed, n_ref, last=20, rows_before=(), cut="", meta=None, **config):
@@ -29,9 +30,10 @@ def fake_run(folder, seed, n_ref, last=20, rows_before=(), cut="", meta=None, **
     nan = float("nan")
     rows = [dict(step=0, heldout_sq=-25 + rng.gauss(0, 1))] + list(rows_before)
     for s in range(1, last + 1):
-        rows.append(dict(step=s, reward=-50 + s * (1.5 if n_ref else 1.0) + rng.gauss(0, 3), sq=-25 + s + rng.gauss(0, 3),
-                         length_ratio=0.1 + 0.002 * s + rng.gauss(0, 0.01), entropy=6.9 - 0.1 * s + rng.gauss(0, 0.1),
-                         ref_adv=2 + rng.gauss(0, 0.2) if n_ref else nan, ref_nll=6.9 - 0.15 * s if n_ref else nan,
+        rows.append(dict(step=s, reward=-50 + s * (1.5 if n_ref else 1.0) + rng.gauss(0, 3),
+                         sq=-25 + s + rng.gauss(0, 3), length_ratio=0.1 + 0.002 * s + rng.gauss(0, 0.01),
+                         entropy=6.9 - 0.1 * s + rng.gauss(0, 0.1), ref_adv=2 + rng.gauss(0, 0.2) if n_ref else nan,
+                         ref_nll=6.9 - 0.15 * s if n_ref else nan,
                          **(dict(heldout_sq=-25 + s + rng.gauss(0, 2)) if s % 10 == 0 else {})))
     os.makedirs(folder)
     with open(folder / "metrics.jsonl", "w") as f:
@@ -57,14 +59,19 @@ def compared(tmp_path_factory):
             if (seed, n_ref) == (1, 1):  # step 10 logged, then logged again after a resume
                 extra = dict(rows_before=[dict(step=10, reward=999.0, sq=999.0)])
             if (seed, n_ref) == (1337, 0):
-                extra = dict(save_interval=5, meta=dict(starts=[dict(step=0), dict(step=8, changed={"learning_rate": 0.5})]))
+                starts = [dict(step=0), dict(step=8, changed={"learning_rate": 0.5})]
+                extra = dict(save_interval=5, meta=dict(starts=starts))
             runs.append(fake_run(root / f"s{seed}-ref{n_ref}", seed, n_ref, **extra))
     with open(root / "s2-ref1" / "run.lock", "w") as f:
         json.dump(dict(pid=os.getpid(), host=socket.gethostname(), since="now"), f)
-    p = subprocess.run([sys.executable, "eval.py", "--task=compare", f"--runs={','.join(runs)}", f"--out={root}/hri.md"],
-                       capture_output=True, text=True, timeout=120)
+    p = compare_task(runs, root / "hri.md")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     return root, runs, p.stdout
+
+
+def compare_task(runs, out):
+    return subprocess.run([sys.executable, "eval.py", "--task=compare", f"--runs={','.join(runs)}", f"--out={out}"],
+                          capture_output=True, text=True, timeout=120)
 
 
 def md_tables(text):
@@ -92,7 +99,8 @@ def metrics(folder):
 def window(folder, key, span):
     """A run's mean of key over the steps of span, or None when the run has not reached its end."""
     rows = metrics(folder)
-    v = [rows[s][key] for s in range(span[0], span[1] + 1) if s in rows and key in rows[s] and not math.isnan(rows[s][key])]
+    v = [rows[s][key] for s in range(span[0], span[1] + 1) if key in rows.get(s, {})]
+    v = [x for x in v if not math.isnan(x)]
     return statistics.fmean(v) if v and max(rows) >= span[1] else None
 
 
@@ -112,8 +120,9 @@ def interval_close(text, lo, hi):
 def test_the_numbers_equal_a_recomputation_from_metrics(compared):
     root, runs, stdout = compared
     tables = md_tables(open(root / "hri.md").read())
-    assert "wrote " + str(root / "hri.md") in stdout and "hri.html" in stdout.splitlines()[-1], stdout[-500:]
-    assert "--task=rollouts --run=" + ",".join(runs) in stdout.splitlines()[-1], "the last line names the next command"
+    last = stdout.splitlines()[-1]
+    assert last.startswith(f"wrote {root / 'hri.md'} and {root / 'hri.html'}"), f"the last line names what: {last}"
+    assert "--task=rollouts --run=" + ",".join(runs) in last, "and the next command"
     label = {name: key for key, name, _ in compare.METRICS}
     groups = {1: [r for r in runs if r.endswith("ref1")], 0: [r for r in runs if r.endswith("ref0")]}
     seed = lambda folder: int(re.search(r"s(\d+)-ref", folder).group(1))
@@ -126,19 +135,20 @@ def test_the_numbers_equal_a_recomputation_from_metrics(compared):
             got = {seed(f): window(f, label[name], span) for f in folders}
             got = values[n_ref, label[name], span] = {s: v for s, v in got.items() if v is not None}
             v = list(got.values())
-            assert int(n) == len(v), f"n_ref={n_ref} {name} {steps}: {n} seeds, recomputed {len(v)}"
-            assert close(mean, statistics.fmean(v) if v else None), f"n_ref={n_ref} {name} {steps}: mean {mean}"
+            where = f"n_ref={n_ref} {name} {steps}"
+            assert int(n) == len(v), f"{where}: {n} seeds, recomputed {len(v)}"
+            assert close(mean, statistics.fmean(v) if v else None), f"{where}: mean {mean}"
             if len(v) > 1:
-                half = T975[len(v) - 1] * statistics.stdev(v) / math.sqrt(len(v))
-                assert close(sd, statistics.stdev(v)), f"n_ref={n_ref} {name} {steps}: sd {sd}"
-                assert interval_close(ci, statistics.fmean(v) - half, statistics.fmean(v) + half), f"{name} {steps}: {ci}"
-    assert values[1, "reward", (11, 20)].keys() == {1337, 1}, "the run still training is not in a window it has not reached"
+                m, half = statistics.fmean(v), T975[len(v) - 1] * statistics.stdev(v) / math.sqrt(len(v))
+                assert close(sd, statistics.stdev(v)), f"{where}: sd {sd}"
+                assert interval_close(ci, m - half, m + half), f"{where}: {ci}, recomputed {m - half}, {m + half}"
+    assert values[1, "reward", (11, 20)].keys() == {1337, 1}, "a run still training is not in a window it has not reached"
     verdicts = set()
     for name, steps, a, b, diff, ci, how, says in tables["n_ref=1 against n_ref=0"][1:]:
         span = tuple(int(x) for x in steps.split("-"))
         va, vb = values[1, label[name], span], values[0, label[name], span]
         if not va or not vb:
-            assert diff == "-" and how == "-" and says == "n_ref=0 has no values", f"{name} {steps}: a metric one group lacks"
+            assert (diff, how, says) == ("-", "-", "n_ref=0 has no values"), f"{name} {steps}: not logged without HRI"
             continue
         d = statistics.fmean(va.values()) - statistics.fmean(vb.values())
         assert close(diff, d), f"{name} {steps}: difference {diff}, recomputed {d}"
@@ -147,15 +157,16 @@ def test_the_numbers_equal_a_recomputation_from_metrics(compared):
         if va.keys() == vb.keys():  # the same seeds: the interval of the per-seed differences
             per_seed = [va[s] - vb[s] for s in va]
             half = T975[len(per_seed) - 1] * statistics.stdev(per_seed) / math.sqrt(len(per_seed))
-            assert how == "paired, 3 seeds" and interval_close(ci, d - half, d + half), f"{name} {steps}: {how} {ci}"
+            assert how == "paired, 3 seeds" and interval_close(ci, d - half, d + half), f"{name} {steps}: {ci}"
         else:  # Welch: the half-width over the standard error is t at Welch-Satterthwaite's df
             sa, sb = (statistics.variance(g.values()) / len(g) for g in (va, vb))
             df = (sa + sb) ** 2 / (sa ** 2 / (len(va) - 1) + sb ** 2 / (len(vb) - 1))
             q = (hi - lo) / 2 / math.sqrt(sa + sb)
             assert how == "Welch, 2 and 3 runs" and T975[math.ceil(df)] - 0.01 < q < T975[math.floor(df)] + 0.01, \
                 f"{name} {steps}: {how}, t {q} for df {df}"
-        says_should = "the seeds cannot tell these apart" if lo <= 0 <= hi else "n_ref=1 higher" if d > 0 else "n_ref=0 higher"
-        assert says == says_should, f"{name} {steps}: {says!r} for {ci}"
+        should = ("the seeds cannot tell these apart" if lo <= 0 <= hi else "n_ref=1 higher" if d > 0
+                  else "n_ref=0 higher")
+        assert says == should, f"{name} {steps}: {says!r} for {ci}"
         verdicts.add(says)
     assert {"the seeds cannot tell these apart", "n_ref=1 higher"} <= verdicts, f"both cases are checked: {verdicts}"
 
@@ -165,20 +176,21 @@ def test_the_runs_table_says_which_run_is_training_and_what_changed(compared):
     table = md_tables(open(root / "hri.md").read())["Runs compared"]
     rows = {r[1]: r for r in table[1:]}
     assert rows[runs[4]][4] == "training: step 15 of 20", f"the run still training is marked: {rows[runs[4]]}"
-    assert rows[runs[1]][5] == "learning_rate" and rows[runs[0]][5] == "-", "a setting changed on a resume is named"
+    assert rows[runs[1]][5] == "learning_rate" and rows[runs[0]][5] == "-", "a setting changed on resume is named"
     assert all(rows[r][4] == "finished, 20 steps" for r in runs if r != runs[4]), table
     md = open(root / "hri.md").read()
     assert f"steps 11-20: without {runs[4]} (training: step 15 of 20)" in md, "what a window leaves out, and why"
-    assert ("that differ in n_ref: n_ref=1 (3 runs), n_ref=0 (3 runs). Set aside: seed and out_dir, and save_interval "
-            "(checkpoints on disk), which differ") in md, "save_interval changes nothing computed"
+    assert ("that differ in n_ref: n_ref=1 (3 runs), n_ref=0 (3 runs). Set aside: seed and out_dir, and "
+            "save_interval (checkpoints on disk), which differ but change nothing") in md, "save_interval is inert"
 
 
 def test_grouping_by_the_settings_that_differ(tmp_path):
-    runs = [compare.read_run(fake_run(tmp_path / name, seed, n_ref, last=last, **config)) for name, seed, n_ref, last, config in (
-        ("a", 1, 1, 20, {}), ("b", 2, 1, 20, dict(keep_last=1, wandb_log=True)), ("c", 1, 0, 20, dict(learning_rate=0.02)),
-        ("d", 2, 0, 12, dict(learning_rate=0.02)))]
+    runs = [compare.read_run(fake_run(tmp_path / name, seed, n_ref, last=last, **config))
+            for name, seed, n_ref, last, config in (("a", 1, 1, 20, {}), ("b", 2, 1, 20, dict(keep_last=1, wandb_log=True)),
+                                                    ("c", 1, 0, 20, dict(learning_rate=0.02)),
+                                                    ("d", 2, 0, 12, dict(learning_rate=0.02)))]
     differ, groups = compare.group(runs)
-    assert differ == ["learning_rate", "n_ref"], f"seed and settings that change nothing computed are set aside: {differ}"
+    assert differ == ["learning_rate", "n_ref"], f"seed and settings that change nothing are set aside: {differ}"
     assert [(name, [os.path.basename(r["out_dir"]) for r in rs]) for name, rs in groups] == [
         ("learning_rate=0.01, n_ref=1", ["a", "b"]), ("learning_rate=0.02, n_ref=0", ["c", "d"])], groups
     assert runs[3]["status"] == "stopped" and "stopped at step 12 of 20" in compare.status_text(runs[3]), \
@@ -186,24 +198,25 @@ def test_grouping_by_the_settings_that_differ(tmp_path):
     del runs[1]["config"]["learning_rate"]  # a run.json from before a setting existed
     assert compare.group(runs[:2])[1][1][0] == "learning_rate=(not in run.json)", "a setting an older run lacks"
     assert compare.group(runs[:1])[1][0][0] == "all runs", "runs that differ by seed alone are one group"
-    assert compare.windows_of("", runs) == [(1, 10), (11, 20)] and compare.windows_of("3-5,7-7", runs) == [(3, 5), (7, 7)], \
-        "the first and the last ten steps, or the windows asked for"
+    assert compare.windows_of("", runs) == [(1, 10), (11, 20)], "by default the first and the last ten steps"
+    assert compare.windows_of("3-5,7-7", runs) == [(3, 5), (7, 7)], "or the windows asked for"
     for text, message in (("1-30", "ends at step 20"), ("10-5", "FIRST-LAST"), ("last", "FIRST-LAST")):
         with pytest.raises(ValueError, match=message):
             compare.windows_of(text, runs)
 
 
 def test_runs_that_cannot_be_compared_are_refused_by_name(tmp_path):
-    runs = [fake_run(tmp_path / "a", 1, 1, last=2), fake_run(tmp_path / "b", 2, 0, last=2, train_data="data/other.jsonl"),
+    runs = [fake_run(tmp_path / "a", 1, 1, last=2), fake_run(tmp_path / "b", 2, 0, last=2, train_data="data/x.jsonl"),
             fake_run(tmp_path / "c", 3, 1, last=2, group_size=4), fake_run(tmp_path / "d", 1, 0, last=2)]
-    p = subprocess.run([sys.executable, "eval.py", "--task=compare", f"--runs={','.join(runs)}", f"--out={tmp_path}/c.md"],
-                       capture_output=True, text=True, timeout=60)
+    p = compare_task(runs, tmp_path / "c.md")
     err = p.stderr.strip()
-    assert p.returncode != 0 and err.startswith("error: runs that cannot be compared:") and len(err.splitlines()) == 1, err
-    for part in (f"{runs[1]} has train_data=data/other.jsonl where {runs[0]} has data/sample/train.jsonl (other training",
+    assert p.returncode != 0 and err.startswith("error: runs that cannot be compared:"), err
+    assert len(err.splitlines()) == 1, f"one line: {err}"
+    for part in (f"{runs[1]} has train_data=data/x.jsonl where {runs[0]} has data/sample/train.jsonl (other training",
                  f"{runs[2]} has group_size=4 where {runs[0]} has 6 (another group size)"):
         assert part in err, f"{part!r} not in {err!r}"
-    assert runs[3] not in err and not (tmp_path / "c.md").exists() and not (tmp_path / "c.html").exists(), "nothing written"
+    assert runs[3] not in err, "a run that can be compared is not named"
+    assert not (tmp_path / "c.md").exists() and not (tmp_path / "c.html").exists(), "nothing written"
     os.remove(tmp_path / "d" / "run.json")
     for dirs, message in (([runs[0], runs[3]], "run.json: missing"), ([runs[0], runs[0]], "given twice"),
                           ([runs[0], str(tmp_path / "nope")], "no such folder")):
@@ -213,7 +226,7 @@ def test_runs_that_cannot_be_compared_are_refused_by_name(tmp_path):
 
 def test_t_quantile_against_published_values():
     for df, t in T975.items():
-        assert abs(compare.t_quantile(0.975, df) - t) < 2e-6, f"t(0.975, {df}) = {compare.t_quantile(0.975, df)}, not {t}"
+        assert abs(compare.t_quantile(0.975, df) - t) < 2e-6, f"t(0.975, {df}): {compare.t_quantile(0.975, df)}"
 
 
 def test_the_page_from_disk_in_a_browser(compared, browser):
@@ -254,7 +267,8 @@ def test_the_viewer_of_several_runs(tmp_path, browser):
     rewards = [json.loads(line)["reward"] for line in open(real / "metrics.jsonl")]
     c = compare.compare([str(real), str(other)])
     assert c["spans"] == [(1, 2)] and [name for name, _ in c["groups"]] == ["n_ref=1", "n_ref=0"], c["groups"]
-    assert c["stats"]["n_ref=1", "reward", (1, 2)]["mean"] == pytest.approx(statistics.fmean(rewards)), "read as written"
+    assert c["stats"]["n_ref=1", "reward", (1, 2)]["mean"] == pytest.approx(statistics.fmean(rewards)), \
+        "metrics.jsonl read as train.py writes it"
     server, url = start_page("--task=rollouts", f"--run={real},{other}")
     w = Watched(browser, lambda u: u.startswith(url))
     page = w.page
@@ -264,7 +278,7 @@ def test_the_viewer_of_several_runs(tmp_path, browser):
             "the comparison at /, its charts (held-out SQ is off in this run)"
         page.locator("a[href='run/2/']").click()
         page.wait_for_selector("h1:has-text('step 2')")
-        assert page.url == url + "run/2/" and str(other) in page.locator("h1").inner_text(), "run 2's viewer, under /run/2/"
+        assert page.url == url + "run/2/" and str(other) in page.locator("h1").inner_text(), "run 2's viewer"
         page.get_by_role("link", name="previous").click()
         page.wait_for_selector("h1:has-text('step 1')")
         assert page.url == url + "run/2/?step=1", f"a step's link stays under the run's path: {page.url}"
