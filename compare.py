@@ -305,15 +305,20 @@ def group_rows(c, name):
     return ["metric", "steps", "mean over seeds", "sd", "seeds", "95% interval"], rows
 
 
+def mean_sd(s, f):
+    return num(s["mean"], f) + (f" ± {s['sd']:{f}}" if math.isfinite(s["sd"]) else "")
+
+
 def diff_rows(c, a, b):
     rows = []
     for key, label, f in METRICS:
         for span in c["spans"]:
             d = c["diffs"][a, b, key, span]
-            rows.append([label, span_text(span), num(c["stats"][a, key, span]["mean"], f),
-                         num(c["stats"][b, key, span]["mean"], f), num(d["mean"], f), interval(d["ci"], f),
+            rows.append([label, span_text(span), mean_sd(c["stats"][a, key, span], f),
+                         mean_sd(c["stats"][b, key, span], f), num(d["mean"], f), interval(d["ci"], f),
                          d["how"], d["verdict"]])
-    return ["metric", "steps", a, b, "difference", "95% interval", "by", "what the seeds say"], rows
+    return (["metric", "steps", f"{a}: mean ± sd", f"{b}: mean ± sd", "difference", "95% interval", "by",
+             "what the seeds say"], rows)
 
 
 def group_title(name, runs):

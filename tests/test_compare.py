@@ -150,6 +150,9 @@ def test_the_numbers_equal_a_recomputation_from_metrics(compared):
         if not va or not vb:
             assert (diff, how, says) == ("-", "-", "n_ref=0 has no values"), f"{name} {steps}: not logged without HRI"
             continue
+        for text, v in ((a, va), (b, vb)):  # each group's mean and spread beside the difference
+            m, sd = text.split(" ± ")
+            assert close(m, statistics.fmean(v.values())) and close(sd, statistics.stdev(v.values())), text
         d = statistics.fmean(va.values()) - statistics.fmean(vb.values())
         assert close(diff, d), f"{name} {steps}: difference {diff}, recomputed {d}"
         m = re.fullmatch(r"\[(\S+), (\S+)\]", ci)
