@@ -57,7 +57,7 @@ INERT = dict(out_dir="where it writes", seed="the runs of a group differ by seed
 def t_quantile(p, df):
     """Student t's p-quantile (p >= 0.5) for df > 0 degrees of freedom, whole or not (Welch's):
     the density integrated by Simpson's rule on 2,000 intervals, the bound found by bisection.
-    Exact to about 1e-9: t(0.975, 1) = 12.7062, t(0.975, 2) = 4.3027, and 1.9600 as df grows."""
+    Within 1e-9 of the tables: t(0.975, 1) = 12.7062, t(0.975, 2) = 4.3027, 1.9600 as df grows."""
     c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
 
     def cdf(x):
@@ -135,7 +135,8 @@ def training(out_dir, stale_s):
     or refreshed within lock_stale_s by one on another (the rule by which train.py takes a lock over)."""
     path = os.path.join(out_dir, "run.lock")
     try:
-        held, age = json.load(open(path)), time.time() - os.path.getmtime(path)
+        with open(path) as f:
+            held, age = json.load(f), time.time() - os.path.getmtime(path)
     except (OSError, ValueError):
         return False
     if not isinstance(held, dict):
@@ -151,7 +152,8 @@ def changed_settings(meta):
         if not isinstance(start, dict):
             continue
         config = start.get("config") if isinstance(start.get("config"), dict) else None
-        names += [k for k in start.get("changed") or [] if k not in names]
+        changed = start.get("changed") if isinstance(start.get("changed"), (dict, list)) else []
+        names += [k for k in changed if k not in names]
         if config and before:
             names += [k for k in config if config[k] != before.get(k) and k not in names and k not in INERT]
         before = config or before
