@@ -106,10 +106,8 @@ def difference(a, b):
     return dict(mean=float(ma - mb), ci=(float(ma - mb - half), float(ma - mb + half)), how=how)
 
 
-def verdict(d, a, b, name_a, name_b):
-    """What a difference's interval says, in words; a and b the groups' values."""
-    if not a or not b:
-        return f"{name_b if a else name_a} has no values"
+def verdict(d, name_a, name_b):
+    """What a difference's interval says, in words."""
     if not all(math.isfinite(x) for x in d["ci"]):
         return "too few seeds to tell (fewer than 2 a group)"
     if d["ci"][0] <= 0 <= d["ci"][1]:
@@ -264,14 +262,17 @@ def compare(run_dirs, windows=""):
                 values = [(r["seed"], window_mean(r["rows"], key, span)) for r in rs if r["last"] >= span[1]]
                 stats[name, key, span] = dict(spread(v for _, v in values), values=[sv for sv in values
                                                                                     if math.isfinite(sv[1])])
-    diffs = {}
+    diffs, size = {}, {name: len(rs) for name, rs in groups}
     for i, (a, _) in enumerate(groups):
         for b, _ in groups[i + 1:]:
             for key, _, _ in METRICS:
                 for span in spans:
-                    va, vb = stats[a, key, span]["values"], stats[b, key, span]["values"]
-                    d = difference(va, vb)
-                    diffs[a, b, key, span] = dict(d, verdict=verdict(d, va, vb, a, b))
+                    d = difference(stats[a, key, span]["values"], stats[b, key, span]["values"])
+                    empty = [g for g in (a, b) if not stats[g, key, span]["values"]]
+                    says = (verdict(d, a, b) if not empty else
+                            f"no run of {empty[0]} has reached step {span[1]}"
+                            if len(missing[empty[0], span]) == size[empty[0]] else f"{empty[0]} does not log it")
+                    diffs[a, b, key, span] = dict(d, verdict=says)
     return dict(runs=runs, differ=differ, groups=groups, spans=spans, stats=stats, missing=missing,
                 diffs=diffs)
 
