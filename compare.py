@@ -271,7 +271,8 @@ def compare(run_dirs, windows=""):
                     empty = [g for g in (a, b) if not stats[g, key, span]["values"]]
                     says = (verdict(d, a, b) if not empty else
                             f"no run of {empty[0]} has reached step {span[1]}"
-                            if len(missing[empty[0], span]) == size[empty[0]] else f"{empty[0]} does not log it")
+                            if len(missing[empty[0], span]) == size[empty[0]] else "not logged in these steps"
+                            if len(empty) == 2 else f"not logged by {empty[0]} in these steps")
                     diffs[a, b, key, span] = dict(d, verdict=says)
     return dict(runs=runs, differ=differ, groups=groups, spans=spans, stats=stats, missing=missing,
                 diffs=diffs)

@@ -148,7 +148,7 @@ def test_the_numbers_equal_a_recomputation_from_metrics(compared):
         span = tuple(int(x) for x in steps.split("-"))
         va, vb = values[1, label[name], span], values[0, label[name], span]
         if not va or not vb:
-            assert (diff, how, says) == ("-", "-", "n_ref=0 does not log it"), f"{name} {steps}: not without HRI"
+            assert (diff, how, says) == ("-", "-", "not logged by n_ref=0 in these steps"), f"{name} {steps}: {says}"
             continue
         for text, v in ((a, va), (b, vb)):  # each group's mean and spread beside the difference
             m, sd = text.split(" ± ")
@@ -201,7 +201,7 @@ def test_grouping_by_the_settings_that_differ(tmp_path):
     c = compare.compare([runs[0]["out_dir"], runs[3]["out_dir"]])
     says = {(key, span): d["verdict"] for (_, _, key, span), d in c["diffs"].items()}
     assert says["reward", (11, 20)] == "no run of learning_rate=0.02, n_ref=0 has reached step 20", says
-    assert says["ref_nll", (1, 10)] == "learning_rate=0.02, n_ref=0 does not log it", says
+    assert says["ref_nll", (1, 10)] == "not logged by learning_rate=0.02, n_ref=0 in these steps", says
     assert says["reward", (1, 10)] == "too few seeds to tell (fewer than 2 a group)", says
     del runs[1]["config"]["learning_rate"]  # a run.json from before a setting existed
     assert compare.group(runs[:2])[1][1][0] == "learning_rate=(not in run.json)", "a setting an older run lacks"
