@@ -305,8 +305,8 @@ def group_rows(c, name):
         for span in c["spans"]:
             s = c["stats"][name, key, span]
             rows.append([label, span_text(span), num(s["mean"], f), num(s["sd"], f), s["n"],
-                         interval(s["ci"], f)])
-    return ["metric", "steps", "mean over seeds", "sd", "seeds", "95% interval"], rows
+                         interval(s["ci"], f), ", ".join(f"{seed}: {v:{f}}" for seed, v in s["values"]) or "-"])
+    return ["metric", "steps", "mean over seeds", "sd", "seeds", "95% interval", "each seed"], rows
 
 
 def mean_sd(s, f):

@@ -130,12 +130,15 @@ def test_the_numbers_equal_a_recomputation_from_metrics(compared):
     for n_ref, folders in groups.items():
         heading = f"n_ref={n_ref}: seeds 1337, 1, 2"
         assert heading in tables, f"a table per group, named by the setting that differs: {list(tables)}"
-        for name, steps, mean, sd, n, ci in tables[heading][1:]:
+        for name, steps, mean, sd, n, ci, each in tables[heading][1:]:
             span = tuple(int(x) for x in steps.split("-"))
             got = {seed(f): window(f, label[name], span) for f in folders}
             got = values[n_ref, label[name], span] = {s: v for s, v in got.items() if v is not None}
             v = list(got.values())
             where = f"n_ref={n_ref} {name} {steps}"
+            shown = dict(x.split(": ") for x in each.split(", ")) if each != "-" else {}
+            assert {int(k) for k in shown} == got.keys() and all(close(shown[str(k)], x) for k, x in got.items()), \
+                f"{where}: each seed's value {each}"
             assert int(n) == len(v), f"{where}: {n} seeds, recomputed {len(v)}"
             assert close(mean, statistics.fmean(v) if v else None), f"{where}: mean {mean}"
             if len(v) > 1:
