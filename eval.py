@@ -20,6 +20,9 @@ and the pages that show the stories.
     python eval.py --task=report --gens=out/eval/polaris.jsonl,out/eval/polaris-base.jsonl --annotations=out/study/annotations
     # 6. a training run in the browser, from before its first step
     python eval.py --task=rollouts --run=out/polaris [--port=8801]
+    python eval.py --task=rollouts --run=out/hri/s1-ref1,out/hri/s1-ref0,...   # several: their comparison, live
+    # 7. training runs side by side: grouped by the settings in which they differ, the spread over seeds
+    python eval.py --task=compare --runs=out/hri/s1-ref1,out/hri/s1-ref0,... --out=out/hri/compare.md
 
 Each task ends with a line of what it wrote and the next command, as it can be copied.
 Every output is JSONL written a row at a time and resumable: rows already there are skipped,
@@ -47,6 +50,7 @@ from itertools import combinations
 
 import numpy as np
 
+import compare
 import data
 import judge as judge_lib
 import jsonl
@@ -1119,7 +1123,14 @@ def stories_html(gens_by_file):
 
 def rollouts():
     """A training run in the browser: its charts and each step's stories, served until Ctrl-C. The
-    run may not have started: the page waits for it, then follows it."""
+    run may not have started: the page waits for it, then follows it. Several runs (--run=A,B,...):
+    their comparison (compare.py), live, linking to each run's viewer."""
+    dirs = [d for d in run.split(",") if d]
+    if len(dirs) > 1:
+        compare.compare(dirs, windows)  # runs that cannot be compared are refused before the server starts
+        pages.serve(compare.viewer(dirs, windows), host, port, f"the comparison of {len(dirs)} runs",
+                    script=pages.VIEWER_JS)
+        return
     if not run:
         fail("--task=rollouts needs --run=OUT_DIR, a training run's folder (the page waits for a run not yet started)")
     if os.path.exists(run) and not os.path.isdir(run):
@@ -1141,8 +1152,24 @@ def rollouts():
         print("next: the run prints its next commands when it ends; the same command shows the page again")
 
 
+def compare_runs():
+    """Training runs side by side (compare.py): grouped by the settings in which they differ, the
+    spread over seeds; --out (PATH.md) and, with its stem, a self-contained PATH.html."""
+    dirs = [d for d in runs.split(",") if d]
+    if len(dirs) < 2:
+        fail("--task=compare needs --runs=OUT_DIR,OUT_DIR,...: two or more training runs' folders")
+    md_path = out or "out/compare.md"
+    html_path = (md_path[: -len(".md")] if md_path.endswith(".md") else md_path) + ".html"
+    c = compare.compare(dirs, windows)
+    jsonl.write_text(md_path, compare.markdown(c, os.path.basename(html_path)))
+    jsonl.write_text(html_path, compare.page(c))
+    print(compare.markdown(c) + f"\nwrote {md_path} and {html_path} (open it in a browser: file://"
+          f"{os.path.abspath(html_path)}); each run's stories, live: python eval.py --task=rollouts "
+          f"--run={','.join(dirs)}")
+
+
 TASKS = dict(generate=generate, score=score, pairwise=pairwise, elo=elo, study=draw_study, annotate=annotate, report=report,
-             rollouts=rollouts)
+             rollouts=rollouts, compare=compare_runs)
 ABOUT = """tasks (--task=NAME), each ending with the command to run next:
   generate  stories for the prompts, from a checkpoint, a hub model or an OpenAI-compatible API
   score     Story Quality and the length ratio of each story by requested length, by the judge
@@ -1151,7 +1178,8 @@ ABOUT = """tasks (--task=NAME), each ending with the command to run next:
   study     a blinded human study of two generation files, drawn once
   annotate  one annotator's page for a study
   report    report.md and a self-contained report.html of all of the above
-  rollouts  a training run in the browser, followed from before its first step
+  rollouts  a training run in the browser, followed from before its first step (several: compared)
+  compare   training runs side by side: groups by their differing settings, the spread over seeds
 """
 
 # -----------------------------------------------------------------------------
@@ -1159,9 +1187,9 @@ ABOUT = """tasks (--task=NAME), each ending with the command to run next:
 if __name__ == "__main__":
     from configurator import check_ranges, configure
     # task
-    task = "generate"  # generate | score | pairwise | elo | study | annotate | report | rollouts
+    task = "generate"  # generate | score | pairwise | elo | study | annotate | report | rollouts | compare
     prompts = "data/eval/prompts.jsonl"
-    out = ""  # generate: the generations file; elo: ratings.json; study: the study file; report: report.md
+    out = ""  # generate: the generations file; elo: ratings.json; study: the study file; report, compare: PATH.md
     gens = ""  # comma-separated generation files (score, pairwise, study, report)
     pairs = _PAIRS = "out/eval/pairs.jsonl"  # pairwise writes it; elo and report read it (comma-separated for several)
     limit = 0  # generate: only the first N prompts (0: all)
@@ -1176,7 +1204,9 @@ if __name__ == "__main__":
     annotator = ""  # annotate: the annotator's name, which names annotations/NAME.jsonl
     annotations = ""  # report: the folder of annotation files
     force = False  # report: write over a report of other inputs
-    run = ""  # rollouts: a training run's out_dir
+    run = ""  # rollouts: a training run's out_dir (several, comma-separated: their comparison, each run linked)
+    runs = ""  # compare: training runs' out_dirs, comma-separated
+    windows = ""  # compare, rollouts of several runs: steps averaged, '1-10,51-60' ('': the first and last ten)
     host, port = "127.0.0.1", 0  # annotate, rollouts: the page's address (port 0: any free one); elsewhere a token is asked
     # generation: within the card's recommended ranges; no presence penalty (the card allows 0.0-1.5;
     # training uses 1.0 against loops in long rollouts, evaluation measures the model as it is)

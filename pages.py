@@ -102,17 +102,22 @@ def _ticks(lo, hi, n=5):
     return [first + k * step for k in range(int((hi - first) / step + 1.999))]
 
 
-def chart(title, series, y_label="", x_labels=None, x_label="", mark=None, w=560, h=300):
+def chart(title, series, y_label="", x_labels=None, x_label="", mark=None, w=560, h=300, band=False, thin=()):
     """An SVG plot. series: [(name, [(x, y, lo, hi), ...])], lo/hi a 95% interval or None; NaN
     points are left out. x_labels {x: label} marks categories (each series shifted a little so
     that the whiskers stay apart); else numeric ticks on x. Points of a series are joined; `mark`
-    (value, label) draws a dashed line at that value, a target such as the requested length."""
+    (value, label) draws a dashed line at that value, a target such as the requested length.
+    band: lo/hi drawn as a shaded band along the line, not as whiskers (a spread over runs);
+    thin: [(k, [(x, y), ...])], thin lines in series k's colour beneath it (each run of a group)."""
     pts = [(x, v) for _, ps in series for x, y, lo, hi in ps for v in (y, lo, hi)
            if v is not None and math.isfinite(v)]
+    pts += [(x, y) for _, ps in thin for x, y in ps if math.isfinite(y)]
     if not pts:
         return f"<p class=muted>{esc(title)}: nothing to plot yet.</p>"
     pts += [(pts[0][0], mark[0])] if mark else []
-    series = [(name, ps) for name, ps in series if any(y is not None and math.isfinite(y) for _, y, _, _ in ps)]
+    # a series keeps its colour when another has nothing to plot: a group is one colour in every chart
+    series = [(k, name, ps) for k, (name, ps) in enumerate(series)
+              if any(y is not None and math.isfinite(y) for _, y, _, _ in ps)]
     lo, hi = min(v for _, v in pts), max(v for _, v in pts)
     pad = 0.04 * (hi - lo)  # a line at the minimum stays off the frame, and data >= 0 keeps an axis >= 0
     yt = _ticks(max(lo - pad, 0) if lo >= 0 else lo - pad, hi + pad)
@@ -140,14 +145,22 @@ def chart(title, series, y_label="", x_labels=None, x_label="", mark=None, w=560
     if y_label:
         out.append(f"<text transform='translate(14 {(top + h - bottom) / 2:.0f}) rotate(-90)' text-anchor=middle "
                    f"font-size=12>{esc(y_label)}</text>")
-    for k, (name, ps) in enumerate(series):
-        colour, dx = COLOURS[k % len(COLOURS)], ((k - (len(series) - 1) / 2) * 0.12 if x_labels else 0)
+    for j, (k, name, ps) in enumerate(series):
+        colour, dx = COLOURS[k % len(COLOURS)], ((j - (len(series) - 1) / 2) * 0.12 if x_labels else 0)
         ps = [(x + dx, y, lo, hi) for x, y, lo, hi in ps if y is not None and math.isfinite(y)]
+        spread = [(x, lo, hi) for x, _, lo, hi in ps if None not in (lo, hi) and math.isfinite(lo + hi)]
+        edge = [(x, hi) for x, _, hi in spread] + [(x, lo) for x, lo, _ in spread[::-1]]  # the top, back below
+        if band and len(spread) > 1:
+            out.append(f"<polygon fill={colour} fill-opacity=0.15 stroke=none points='"
+                       + " ".join(f"{X(x):.1f},{Y(v):.1f}" for x, v in edge) + "' />")
+        for line in [ys for i, ys in thin if i == k and len(ys) > 1]:
+            out.append(f"<polyline fill=none stroke={colour} stroke-width=0.8 stroke-opacity=0.7 points='"
+                       + " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in line if math.isfinite(y)) + "' />")
         if len(ps) > 1:
             out.append(f"<polyline fill=none stroke={colour} stroke-width=1.6 points='"
                        + " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y, _, _ in ps) + "' />")
         for x, y, lo, hi in ps:
-            if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
+            if not band and lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
                 out.append(f"<line x1={X(x):.1f} x2={X(x):.1f} y1={Y(lo):.1f} y2={Y(hi):.1f} stroke={colour} />"
                            + "".join(f"<line x1={X(x) - 4:.1f} x2={X(x) + 4:.1f} y1={Y(v):.1f} y2={Y(v):.1f} "
                                      f"stroke={colour} />" for v in (lo, hi)))
@@ -155,7 +168,7 @@ def chart(title, series, y_label="", x_labels=None, x_label="", mark=None, w=560
                 out.append(f"<circle cx={X(x):.1f} cy={Y(y):.1f} r=3.2 fill={colour}><title>{esc(name)}: "
                            f"{y:.3g}</title></circle>")
     legend = "".join(f"<span style='margin-right:1rem'><span style='color:{COLOURS[k % len(COLOURS)]}'>&#9632;</span> "
-                     f"{esc(name)}</span>" for k, (name, _) in enumerate(series))
+                     f"{esc(name)}</span>" for k, name, _ in series)
     return (f"<figure style='margin:.5rem 1rem .5rem 0;display:inline-block;vertical-align:top'>"
             f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {w} {h}' width={w} height={h} "
             f"font-family='system-ui,sans-serif' role=img aria-label='{esc(title)}'>{''.join(out)}</svg>"
@@ -473,19 +486,20 @@ def run_status(out_dir, last):
 
 VIEWER_JS = """
 const now = document.getElementById('status').dataset.state;
-setInterval(() => fetch('/state').then(r => r.text())
+setInterval(() => fetch('state').then(r => r.text())
   .then(s => { if (s !== now) location.reload(); }).catch(() => {}), 2000);
 """
 
 
-def run_viewer(out_dir, max_line=LINE_BYTES, max_story=STORY_CHARS):
+def run_viewer(out_dir, max_line=LINE_BYTES, max_story=STORY_CHARS, back=""):
     """app(method, path, params) for a run folder: the charts of metrics.jsonl, and a step's groups
     from rollouts.jsonl. The folder may not exist yet: the page waits for the run. While the run
     may still change, every page asks /state every 2 seconds (VIEWER_JS) and reloads when the run
     moved on; a finished or stopped run's page asks nothing. A folder from before run.json counted
     steps from 0 in its files and kept each reference's text in its rows: shown with steps from 1
     all the same. A line that is not a row is left out and named on the page; a story is shown up
-    to max_story characters."""
+    to max_story characters. Links are relative, so that the viewer can be served under a path of
+    its own (several runs: compare.viewer); `back` links to the page above it."""
     path = lambda name: os.path.join(out_dir, name)
     is_story = lambda r: (isinstance(r.get("group"), int) and isinstance(r.get("id"), (int, str))
                           and isinstance(r.get("story"), (str, type(None))))
@@ -527,11 +541,11 @@ def run_viewer(out_dir, max_line=LINE_BYTES, max_story=STORY_CHARS):
         try:
             step = int(params.get("step") or (steps[-1] if steps else max(metrics, default=0)))
         except ValueError:
-            return 400, page("Bad step", f"<h1>No step {esc(params.get('step'))}</h1><a href='/'>the latest step</a>"), {}
+            return 400, page("Bad step", f"<h1>No step {esc(params.get('step'))}</h1><a href='.'>the latest step</a>"), {}
         stories = [shown(r) for r in rollouts.rows(step - shift)]
         status = f"<p id=status class=status data-state='{esc(token)}'>{esc(sentence)}</p>"
         body = run_page(out_dir, steps, step, metrics, stories, status + left_out((rollouts, logged, refs)),
-                        script=VIEWER_JS if state in ("waiting", "running") else "")
+                        script=VIEWER_JS if state in ("waiting", "running") else "", back=back)
         return 200, body, {}
     app.status = lambda: read()[3:5]  # (state, sentence), for the command that serves the page
     return app
@@ -572,15 +586,16 @@ def story_card(r, label):
             + "</div>")
 
 
-def run_page(out_dir, steps, step, metrics, stories, note="", script=""):
+def run_page(out_dir, steps, step, metrics, stories, note="", script="", back=""):
     """A step of a run: the charts, the step's numbers, its best and worst story, and each group's
     stories side by side beside its prompt, the human reference marked; `note` (html) under the
     title; `script`, the page's one script. A run with nothing logged yet: the title and the note."""
     if not steps and not metrics:
         return page(f"{out_dir}: no step yet", f"<h1>{esc(out_dir)}</h1>{note}", script)
-    nav = "".join(f"<a href='/?step={s}'>{label}</a>" for s, label in (
+    nav = "".join(f"<a href='?step={s}'>{label}</a>" for s, label in (
         (steps[0] if steps else None, "first"), (step - 1, "previous"), (step + 1, "next"), (steps[-1] if steps else None, "latest"))
         if s in steps)
+    nav = (f"<a href='{esc(back)}'>all runs</a>" if back else "") + nav
     form = (f"<form method=get style='display:inline'>step <input name=step type=number min=0 value={step} "
             f"style='width:5em'> <button>show</button></form> of {len(steps)} logged")
     m = metrics.get(step, {})
