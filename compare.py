@@ -9,19 +9,18 @@ with a 95% interval, so that "does this setting help?" is answered against the s
 The numbers are plain functions (numpy only; the t quantile is computed here, no scipy); the page
 is made with pages.py's kit and opens from disk with no network.
 """
-import functools
 import json
 import math
 import os
 import re
-import socket
-import time
 
 import numpy as np
 
 import jsonl
 import pages
 import rundir
+import stats
+import viewer
 
 # (metrics.jsonl key, name, format): what is charted and tabled
 METRICS = [("reward", "reward", ".1f"), ("sq", "SQ (training judge)", ".1f"),
@@ -51,59 +50,6 @@ INERT = dict(out_dir="where it writes", seed="the runs of a group differ by seed
 
 # -----------------------------------------------------------------------------
 # the numbers
-
-
-@functools.lru_cache(maxsize=None)
-def t_quantile(p, df):
-    """Student t's p-quantile (p >= 0.5) for df > 0 degrees of freedom, whole or not (Welch's):
-    the density integrated by Simpson's rule on 2,000 intervals, the bound found by bisection.
-    Within 1e-9 of the tables: t(0.975, 1) = 12.7062, t(0.975, 2) = 4.3027, 1.9600 as df grows."""
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-
-    def cdf(x):
-        u = np.linspace(0.0, x, 2001)
-        f = c * (1 + u * u / df) ** (-(df + 1) / 2)
-        return 0.5 + (u[1] - u[0]) / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < p:
-        lo, hi = hi, 2 * hi
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def spread(values):
-    """Mean, standard deviation (n - 1), n and a 95% Student t interval of the mean of a list of
-    numbers (one a seed); NaN where n is too small to say."""
-    v = np.array([x for x in values if math.isfinite(x)], dtype=float)
-    n = len(v)
-    if n < 2:
-        return dict(mean=float(v[0]) if n else math.nan, sd=math.nan, n=n, ci=(math.nan, math.nan))
-    m, sd = float(v.mean()), float(v.std(ddof=1))
-    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
-    return dict(mean=m, sd=sd, n=n, ci=(m - half, m + half))
-
-
-def difference(a, b):
-    """Group a's mean minus group b's, a and b [(seed, value)], with a 95% interval: paired by seed
-    when both hold the same seeds once each (a seed's own luck then cancels), else Welch's interval
-    with the Welch-Satterthwaite degrees of freedom."""
-    if not a or not b:  # a metric one group does not log (ref_* without references)
-        return dict(mean=math.nan, ci=(math.nan, math.nan), how="-")
-    seeds_a, seeds_b = [s for s, _ in a], [s for s, _ in b]
-    if len(a) > 1 and sorted(seeds_a) == sorted(seeds_b) and len(set(seeds_a)) == len(seeds_a):
-        by_seed = dict(b)
-        return dict(spread([v - by_seed[s] for s, v in a]), how=f"paired, {len(a)} seeds")
-    (ma, va, na), (mb, vb, nb) = ((np.mean([v for _, v in g]), np.var([v for _, v in g], ddof=1) if len(g) > 1
-                                   else math.nan, len(g)) for g in (a, b))
-    how = f"Welch, {na} and {nb} runs"
-    if na < 2 or nb < 2:
-        return dict(mean=float(ma - mb), ci=(math.nan, math.nan), how=how)
-    se2 = va / na + vb / nb
-    df = se2 ** 2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1)) if se2 > 0 else na + nb - 2
-    half = t_quantile(0.975, df) * math.sqrt(se2)
-    return dict(mean=float(ma - mb), ci=(float(ma - mb - half), float(ma - mb + half)), how=how)
 
 
 def verdict(d, name_a, name_b):
@@ -246,27 +192,27 @@ def compare(run_dirs, windows=""):
     check_comparable(runs)
     differ, groups = group(runs)
     spans = windows_of(windows, runs)
-    stats, missing = {}, {}
+    spreads, missing = {}, {}
     for name, rs in groups:
         for span in spans:
             missing[name, span] = [r for r in rs if r["last"] < span[1]]  # still short of the window's end
             for key, _, _ in METRICS:
                 values = [(r["seed"], window_mean(r["rows"], key, span)) for r in rs if r["last"] >= span[1]]
-                stats[name, key, span] = dict(spread(v for _, v in values), values=[sv for sv in values
+                spreads[name, key, span] = dict(stats.spread(v for _, v in values), values=[sv for sv in values
                                                                                     if math.isfinite(sv[1])])
     diffs, size = {}, {name: len(rs) for name, rs in groups}
     for i, (a, _) in enumerate(groups):
         for b, _ in groups[i + 1:]:
             for key, _, _ in METRICS:
                 for span in spans:
-                    d = difference(stats[a, key, span]["values"], stats[b, key, span]["values"])
-                    empty = [g for g in (a, b) if not stats[g, key, span]["values"]]
+                    d = stats.difference(spreads[a, key, span]["values"], spreads[b, key, span]["values"])
+                    empty = [g for g in (a, b) if not spreads[g, key, span]["values"]]
                     says = (verdict(d, a, b) if not empty else
                             f"no run of {empty[0]} has reached step {span[1]}"
                             if len(missing[empty[0], span]) == size[empty[0]] else "not logged in these steps"
                             if len(empty) == 2 else f"not logged by {empty[0]} in these steps")
                     diffs[a, b, key, span] = dict(d, verdict=says)
-    return dict(runs=runs, differ=differ, groups=groups, spans=spans, stats=stats, missing=missing,
+    return dict(runs=runs, differ=differ, groups=groups, spans=spans, stats=spreads, missing=missing,
                 diffs=diffs)
 
 # -----------------------------------------------------------------------------
@@ -345,19 +291,14 @@ HOW = ("For each run, the mean of a metric over the steps of a window; over a gr
        "run counts in a window once it has logged the window's last step.")
 
 
-def md_table(head, rows):
-    return "\n".join(["| " + " | ".join(str(h) for h in head) + " |", "|" + " --- |" * len(head)]
-                     + ["| " + " | ".join(str(x) for x in r) + " |" for r in rows])
-
-
 def markdown(c, html_name=""):
     md = ["# Runs compared", "", intro(c) + (f" Curves and runs: {html_name}" if html_name else ""), "",
-          md_table(*runs_rows(c)), ""]
+          pages.md_table(*runs_rows(c)), ""]
     for name, rs in c["groups"]:
-        md += [f"## {group_title(name, rs)}", "", md_table(*group_rows(c, name)), ""]
+        md += [f"## {group_title(name, rs)}", "", pages.md_table(*group_rows(c, name)), ""]
         md += [f"- {n}" for n in notes(c, name)] + ([""] if notes(c, name) else [])
     for a, b in dict.fromkeys((a, b) for a, b, _, _ in c["diffs"]):
-        md += [f"## {a} against {b}", "", md_table(*diff_rows(c, a, b)), ""]
+        md += [f"## {a} against {b}", "", pages.md_table(*diff_rows(c, a, b)), ""]
     return "\n".join(md + [HOW, ""])
 
 # -----------------------------------------------------------------------------
@@ -405,10 +346,10 @@ def page(c, served=False):
     return pages.report_page("Runs compared", sections)
 
 
-def viewer(run_dirs, windows=""):
+def app(run_dirs, windows=""):
     """app(method, path, params) for several runs: / is their comparison, computed anew from their
     files at each request (it follows runs in progress), and /run/K/ is run K's viewer."""
-    apps = [pages.run_viewer(d, back="../../") for d in run_dirs]
+    apps = [viewer.run_viewer(d, back="../../") for d in run_dirs]
 
     def app(method, route, params):
         if route == "/":

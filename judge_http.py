@@ -4,7 +4,6 @@ retry: the POST under one deadline and a byte cap (redirects, gzip, proxies), th
 must pass, the disk cache (never a failure in it), identical requests sent once, keys kept out of
 messages.
 """
-import collections
 import concurrent.futures
 import email.utils
 import functools

@@ -1,16 +1,10 @@
 """
-What a training run writes to its folder, out_dir, and how it reads it back:
-
-    run.lock          one run per out_dir: its holder's pid, host and start, refreshed while it runs
-    run.json          the run's id, the settings of its first start, and one entry per start
-    metrics.jsonl     one row a step: the means and totals of the step over every rank (docs/training.md)
-    rollouts.jsonl    one row a story: its group, scores, reward, advantage, the judge's reply
-    references.jsonl  each human reference's text, once per run (rollouts.jsonl names it by id)
-    evals.jsonl       one row per held-out prompt and evaluated step
-    ckpt_NNNNNN/      checkpoints (checkpoint.py)
-
-and the lines a person reads: the step line, the closing line and the commands that come next.
-Only the master writes here; train.py gathers what the ranks computed first.
+What a training run writes to its folder, out_dir, and reads back: run.lock (one run per out_dir),
+run.json (the run's id, its first start's settings, an entry per start), metrics.jsonl (a row a
+step, over every rank: docs/training.md), rollouts.jsonl (a row a story), references.jsonl (each
+human reference's text once), evals.jsonl (a row per held-out prompt and evaluated step); and
+the lines a person reads: the step line, the closing line, the next commands. Only the master
+writes; train.py gathers what the ranks computed. Checkpoints are checkpoint.py's.
 """
 import atexit
 import json

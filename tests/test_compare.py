@@ -15,6 +15,7 @@ import sys
 import pytest
 
 import compare
+import stats
 
 T975 = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 5: 2.570582, 10: 2.228139, 30: 2.042272,
         2.5: 3.574655, 3.7: 2.867521, 1000: 1.962339}  # Student t's 0.975 quantile, from published tables
@@ -120,9 +121,10 @@ def interval_close(text, lo, hi):
 def test_the_numbers_equal_a_recomputation_from_metrics(compared):
     root, runs, stdout = compared
     tables = md_tables(open(root / "hri.md").read())
-    last = stdout.splitlines()[-1]
-    assert last.startswith(f"wrote {root / 'hri.md'} and {root / 'hri.html'}"), f"the last line names what: {last}"
-    assert "--task=rollouts --run=" + ",".join(runs) in last, "and the next command"
+    wrote, says, command = stdout.splitlines()[-3:]
+    assert wrote.startswith(f"wrote {root / 'hri.md'} and {root / 'hri.html'}"), f"it names what it wrote: {wrote}"
+    assert says.startswith("next:") and command.strip().startswith("python eval.py --task=rollouts --run="), command
+    assert "--task=rollouts --run=" + ",".join(runs) in command, "and the next command"
     label = {name: key for key, name, _ in compare.METRICS}
     groups = {1: [r for r in runs if r.endswith("ref1")], 0: [r for r in runs if r.endswith("ref0")]}
     seed = lambda folder: int(re.search(r"s(\d+)-ref", folder).group(1))
@@ -237,7 +239,7 @@ def test_runs_that_cannot_be_compared_are_refused_by_name(tmp_path):
 
 def test_t_quantile_against_published_values():
     for df, t in T975.items():
-        assert abs(compare.t_quantile(0.975, df) - t) < 2e-6, f"t(0.975, {df}): {compare.t_quantile(0.975, df)}"
+        assert abs(stats.t_quantile(0.975, df) - t) < 2e-6, f"t(0.975, {df}): {stats.t_quantile(0.975, df)}"
 
 
 def test_the_page_from_disk_in_a_browser(compared, browser):

@@ -19,22 +19,27 @@ import preflight
 import tiny
 from local_judge import serve_local
 from test_train import ENV, train
+import genfiles
+import pairwise
+import report
+import rubric
+import stats
 
 SUB = dict(capture_output=True, text=True, timeout=300)
 
 
 def test_bucket_edges():
-    assert ev.bucket(4000) == "ID 1-4k" and ev.bucket(4001) == "near OOD 4-8k", "4000 is ID, 4001 near OOD"
-    assert ev.bucket(8000) == "near OOD 4-8k" and ev.bucket(8001) == "far OOD 8-12k", "8001 is far OOD"
-    assert ev.bucket(1) == "ID 1-4k" and ev.bucket(12000) == "far OOD 8-12k"
+    assert rubric.bucket(4000) == "ID 1-4k" and rubric.bucket(4001) == "near OOD 4-8k", "4000 is ID, 4001 near OOD"
+    assert rubric.bucket(8000) == "near OOD 4-8k" and rubric.bucket(8001) == "far OOD 8-12k", "8001 is far OOD"
+    assert rubric.bucket(1) == "ID 1-4k" and rubric.bucket(12000) == "far OOD 8-12k"
 
 
 def test_dual_position():
-    assert ev.dual_verdict("A", "B") == "a", "a preferred in both positions: a wins"
-    assert ev.dual_verdict("B", "A") == "b", "b preferred in both positions: b wins"
-    assert ev.dual_verdict("A", "A") == "tie" and ev.dual_verdict("B", "B") == "tie", "position bias: a tie"
-    assert ev.dual_verdict(None, "A") is None, "a failed judgement is missing, not a tie"
-    assert ev.win_rate(["a", "a", "tie", "b"]) == pytest.approx(2.5 / 4), "(W + 0.5 T) / N"
+    assert stats.dual_verdict("A", "B") == "a", "a preferred in both positions: a wins"
+    assert stats.dual_verdict("B", "A") == "b", "b preferred in both positions: b wins"
+    assert stats.dual_verdict("A", "A") == "tie" and stats.dual_verdict("B", "B") == "tie", "position bias: a tie"
+    assert stats.dual_verdict(None, "A") is None, "a failed judgement is missing, not a tie"
+    assert stats.win_rate(["a", "a", "tie", "b"]) == pytest.approx(2.5 / 4), "(W + 0.5 T) / N"
 
 
 def simulate(true, n, rng, per_prompt=4):
@@ -50,17 +55,17 @@ def simulate(true, n, rng, per_prompt=4):
 def test_bradley_terry_recovers_ratings():
     true = {"m0": 1000.0, "m1": 1100.0, "m2": 1250.0, "m3": 1400.0}
     pairs = simulate(true, 3000, np.random.default_rng(0))
-    battles = [b for bs in ev.battles_by_prompt(pairs).values() for b in bs]
-    fit = ev.bradley_terry(battles, sorted(true), anchor=("m0", 1000.0))
+    battles = [b for bs in report.battles_by_prompt(pairs).values() for b in bs]
+    fit = stats.bradley_terry(battles, sorted(true), anchor=("m0", 1000.0))
     for m in true:
         assert abs(fit[m] - true[m]) < 25, f"{m}: fitted {fit[m]:.0f}, true {true[m]:.0f}"
-    shifted = ev.bradley_terry(battles, sorted(true), anchor=("m0", 1500.0))
+    shifted = stats.bradley_terry(battles, sorted(true), anchor=("m0", 1500.0))
     assert all(shifted[m] - fit[m] == pytest.approx(500) for m in true), "anchoring shifts every rating equally"
 
 
 def test_bradley_terry_two_player_closed_form():
     battles = [("x", "y", 1.0)] * 70 + [("x", "y", 0.0)] * 25 + [("x", "y", 0.5)] * 10
-    fit = ev.bradley_terry(battles, ["x", "y"])
+    fit = stats.bradley_terry(battles, ["x", "y"])
     w = 70 + 5  # ties count half to each side
     assert fit["x"] - fit["y"] == pytest.approx(400 * math.log10(w / (105 - w)), abs=0.01), "R_x - R_y = 400 log10(W/L)"
     assert fit["x"] + fit["y"] == pytest.approx(2000), "no anchor: mean rating 1000"
@@ -71,7 +76,7 @@ def test_bootstrap_interval_covers_the_true_win_rate():
     p, hits, trials = 0.6, 0, 200
     for t in range(trials):
         groups = [["a" if rng.random() < p else "b"] for _ in range(80)]
-        lo, hi = ev.bootstrap_ci(groups, lambda gs: ev.win_rate([o for g in gs for o in g]), n_boot=300, seed=t)
+        lo, hi = stats.bootstrap_ci(groups, lambda gs: stats.win_rate([o for g in gs for o in g]), n_boot=300, seed=t)
         hits += lo <= p <= hi
     assert 0.88 <= hits / trials <= 0.99, f"a 95% interval covered the truth in {hits}/{trials} trials"
 
@@ -79,11 +84,11 @@ def test_bootstrap_interval_covers_the_true_win_rate():
 def test_disconnected_graph_and_missing_ids_are_errors(tmp_path):
     pairs = [dict(id="1", model_a="a", model_b="b", winner="a"), dict(id="1", model_a="c", model_b="d", winner="tie")]
     with pytest.raises(ValueError, match=r"not connected.*a, b \| c, d"):
-        ev.elo_table(pairs)
+        report.elo_table(pairs)
     ids = {"x.jsonl": {"p1", "p2", "p3"}, "y.jsonl": {"p1", "p3"}}
     with pytest.raises(ValueError, match="y.jsonl lacks p2"):
-        ev.shared_ids(ids, False)
-    assert ev.shared_ids(ids, True) == ["p1", "p3"], "the explicit flag compares on the intersection"
+        genfiles.shared_ids(ids, False)
+    assert genfiles.shared_ids(ids, True) == ["p1", "p3"], "the explicit flag compares on the intersection"
 
 
 def test_half_written_file_is_resumed_not_truncated(tmp_path):
@@ -141,7 +146,7 @@ def test_generate_score_pairwise_elo_report(tiny_models, tmp_path):
     gens.append(str(api_out))
     p = run_eval("--task=score", f"--gens={','.join(gens)}", *common)
     assert "SQ ID 1-4k" in p.stdout and "length ratio 8-12k" in p.stdout, p.stdout
-    scored = [json.loads(l) for l in open(ev.scores_path(gens[0]))]
+    scored = [json.loads(l) for l in open(report.scores_path(gens[0]))]
     assert len(scored) == 6 and all(r["error"] is None for r in scored), "every generation scored"
     pairs = tmp_path / "pairs.jsonl"
     p = run_eval("--task=pairwise", f"--gens={','.join(gens)}", f"--pairs={pairs}", *common)
@@ -153,9 +158,9 @@ def test_generate_score_pairwise_elo_report(tiny_models, tmp_path):
     table = json.load(open(ratings))
     assert table["base"]["rating"] == pytest.approx(1000) and set(table) == {"base", "other", "served"}
     assert all(len(r["ci"]) == 2 and r["n"] == 12 for r in table.values()), table
-    report = tmp_path / "report.md"
-    run_eval("--task=report", f"--gens={','.join(gens)}", f"--pairs={pairs}", f"--out={report}")
-    text = report.read_text()
+    md = tmp_path / "report.md"
+    run_eval("--task=report", f"--gens={','.join(gens)}", f"--pairs={pairs}", f"--out={md}")
+    text = md.read_text()
     assert "Story Quality by requested length" in text and "Pairwise Elo" in text and "Win rates" in text, text
 
 
@@ -199,12 +204,12 @@ def test_prepare_builds_training_data(tmp_path):
 
 def test_a_clean_sweep_is_flagged_unbounded():
     pairs = [dict(id=str(i), model_a="x", model_b="y", winner="a") for i in range(10)]
-    t = ev.elo_table(pairs, n_boot=20)
+    t = report.elo_table(pairs, n_boot=20)
     assert t["x"]["unbounded"] and t["y"]["unbounded"] and (t["x"]["rank"], t["y"]["rank"]) == (1, 2), \
         "10 wins of 10: no finite rating, flagged, ordered"
     assert t["x"]["rating"] is None and t["x"]["ci"] is None, "and no number"
     pairs.append(dict(id="10", model_a="x", model_b="y", winner="tie"))
-    assert not ev.elo_table(pairs, n_boot=20)["x"]["unbounded"], "one tie (counted both ways) bounds the rating"
+    assert not report.elo_table(pairs, n_boot=20)["x"]["unbounded"], "one tie (counted both ways) bounds the rating"
 
 
 def test_no_elo_number_where_the_win_graph_is_not_strongly_connected(tmp_path):
@@ -212,7 +217,7 @@ def test_no_elo_number_where_the_win_graph_is_not_strongly_connected(tmp_path):
     pairs = [dict(id=f"{w}{l}{k}", model_a=w, model_b=l, winner="a") for w in "gp" for l in "bs" for k in range(3)]
     pairs += [dict(id="i1", model_a="g", model_b="p", winner="a"), dict(id="i2", model_a="g", model_b="p", winner="b"),
               dict(id="i3", model_a="b", model_b="s", winner="tie")]
-    assert ev.strong_parts(list("bgps"), [b for bs in ev.battles_by_prompt(pairs).values() for b in bs]) == \
+    assert stats.strong_parts(list("bgps"), [b for bs in report.battles_by_prompt(pairs).values() for b in bs]) == \
         [["g", "p"], ["b", "s"]], "two parts, the winners first"
     f = tmp_path / "pairs.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in pairs))
@@ -236,9 +241,9 @@ def test_pairs_rows_are_checked(tmp_path):
                      ({k: v for k, v in good.items() if k != "id"}, "needs an id")):
         f.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
         with pytest.raises(ValueError, match=f"{f}:2: .*{why}"):
-            ev.read_pairs(str(f))
+            pairwise.read_pairs(str(f))
     f.write_text(json.dumps(good) + "\n" + json.dumps(dict(good, winner=None)) + "\n")
-    assert [r["winner"] for r in ev.read_pairs(str(f))] == ["a", None], "A reads as a; null is a missing judgement"
+    assert [r["winner"] for r in pairwise.read_pairs(str(f))] == ["a", None], "A reads as a; null is a missing judgement"
     p = subprocess.run([sys.executable, "eval.py", "--task=elo", f"--pairs={f},{tmp_path}/nope.jsonl"], **SUB)
     assert p.returncode != 0 and f"{tmp_path}/nope.jsonl: no such file" in p.stderr, p.stderr
 
@@ -311,7 +316,7 @@ def test_generation_files_are_checked(tmp_path, files, where, why):
         paths.append(tmp_path / f"g{k}.jsonl")
         paths[-1].write_bytes(b"\n".join(l if isinstance(l, bytes) else l.encode() for l in lines) + b"\n")
     with pytest.raises(ValueError, match=re.escape(why)) as e:
-        ev.read_gens([str(p) for p in paths])
+        genfiles.read_gens([str(p) for p in paths])
     assert f"{tmp_path}/{where}" in str(e.value), str(e.value)
     p = subprocess.run([sys.executable, "eval.py", "--task=pairwise" if len(paths) > 1 else "--task=score",
                         f"--gens={','.join(map(str, paths))}", f"--pairs={tmp_path}/p.jsonl", f"--judge_cache="], **SUB)
@@ -353,7 +358,7 @@ def test_failed_judgements_are_asked_again(tmp_path):
     try:
         first = subprocess.run([sys.executable, "eval.py", "--task=score", f"--gens={a}", *common], **SUB)
         again = subprocess.run([sys.executable, "eval.py", "--task=score", f"--gens={a}", *common], **SUB)
-        scored = [json.loads(l) for l in open(ev.scores_path(str(a)))]
+        scored = [json.loads(l) for l in open(report.scores_path(str(a)))]
         s.script = [("status", 400, {})]
         pair1 = subprocess.run([sys.executable, "eval.py", "--task=pairwise", f"--gens={a},{b}", *common], **SUB)
         pair2 = subprocess.run([sys.executable, "eval.py", "--task=pairwise", f"--gens={a},{b}", *common], **SUB)

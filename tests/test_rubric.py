@@ -8,6 +8,7 @@ import local_judge
 import eval as eval_lib
 import data
 import rubric
+import pairwise
 
 GOOD = """Analysis: a tight, humane story with a well-placed ending.
 
@@ -95,10 +96,10 @@ def test_parser_reads_the_answer_after_the_thinking():
 
 
 def test_pairwise_parse():
-    reply = "Both are fine.\n" + "\n".join(f"**{c}**: {'A' if i % 2 else 'b'}" for i, c in enumerate(eval_lib.PAIR_CRITERIA))
-    verdict, err = eval_lib.parse_pairwise(reply)
+    reply = "Both are fine.\n" + "\n".join(f"**{c}**: {'A' if i % 2 else 'b'}" for i, c in enumerate(pairwise.CRITERIA))
+    verdict, err = pairwise.parse(reply)
     assert err is None and verdict["Overall"] in "AB" and len(verdict) == 9, f"pairwise parse failed: {err}"
-    _, err = eval_lib.parse_pairwise(reply.replace("**Overall**: b", "Overall: maybe"))
+    _, err = pairwise.parse(reply.replace("**Overall**: b", "Overall: maybe"))
     assert err is not None, "a verdict that is not A or B must fail"
 
 

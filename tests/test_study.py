@@ -16,6 +16,10 @@ import pytest
 import requests
 
 import eval as ev
+import humanstudy
+import report
+import rubric
+import stats
 
 SUB = dict(capture_output=True, text=True, timeout=300)
 HOSTILE = "<script>alert('story')</script><img src=x onerror=alert('img')> "  # what a model could write
@@ -59,7 +63,7 @@ def test_study_draws_each_bucket_alike_once(judged, tmp_path):
     p = run_eval("--task=study", f"--gens={','.join(gens)}", "--n=9", f"--out={out}")
     items = [json.loads(l) for l in open(out)]
     assert [it["item"] for it in items] == list(range(1, 10)) and len({it["id"] for it in items}) == 9, "9 distinct prompts"
-    counts = {b: sum(it["bucket"] == b for it in items) for b, _ in ev.BUCKETS}
+    counts = {b: sum(it["bucket"] == b for it in items) for b, _ in rubric.BUCKETS}
     assert set(counts.values()) == {3}, f"stratified: 3 per requested-length bucket, got {counts}"
     by_id = {json.loads(l)["id"]: json.loads(l) for l in open(gens[0])}
     for it in items:
@@ -90,19 +94,19 @@ def test_human_win_rate_intervals_and_the_cards_arithmetic():
     # the card: 67.5% [55.0, 80.0]. 40 items, 23 won, 8 even (ties or split annotators), 9 lost
     # give exactly that; 60 items x 2 annotators cannot: even all-or-nothing items (the widest
     # spread a rate of 67.5% allows) give at most about [55.8, 79.2]
-    [s] = ev.human_study(votes_for([1.0] * 23 + [0.5] * 8 + [0.0] * 9), order=["tuned"], n_boot=10000)
+    [s] = stats.human_study(votes_for([1.0] * 23 + [0.5] * 8 + [0.0] * 9), order=["tuned"], n_boot=10000)
     assert (s["x"], s["y"], s["items"], s["annotators"], s["votes"]) == ("tuned", "base", 40, ["h0", "h1"], 80), s
     assert s["rate"] == pytest.approx(0.675) and (s["wins"], s["ties"], s["losses"]) == (23, 8, 9)
     assert s["ci"][0] == pytest.approx(0.55, abs=0.0126) and s["ci"][1] == pytest.approx(0.80, abs=0.0126), s["ci"]
     lo, hi = s["wilson"]
     assert lo == pytest.approx(0.5205, abs=1e-3) and hi == pytest.approx(0.7992, abs=1e-3), "Wilson's interval, n = 40 items"
-    assert "conservative" in ev.human_rows([s])[0][0][4], "Wilson's interval with n = items is labelled a conservative bound"
-    [wide] = ev.human_study(votes_for([1.0] * 40 + [0.5] + [0.0] * 19), order=["tuned"], n_boot=10000)
+    assert "conservative" in report.human_rows([s])[0][0][4], "Wilson's interval with n = items is labelled a conservative bound"
+    [wide] = stats.human_study(votes_for([1.0] * 40 + [0.5] + [0.0] * 19), order=["tuned"], n_boot=10000)
     assert wide["rate"] == pytest.approx(0.675) and wide["items"] == 60
     assert wide["ci"][1] - wide["ci"][0] < 0.245, f"60 items cannot give a 25-point interval: {wide['ci']}"
     # the vote, not the item, as the unit would be narrower still: 120 independent votes
     votes = [(f"h{k % 2}", f"p{k}", "tuned", "base", "A" if k < 81 else "B") for k in range(120)]
-    [flat] = ev.human_study(votes, order=["tuned"], n_boot=10000)
+    [flat] = stats.human_study(votes, order=["tuned"], n_boot=10000)
     assert flat["ci"][1] - flat["ci"][0] < wide["ci"][1] - wide["ci"][0], "items of two agreeing votes carry less"
 
 
@@ -112,7 +116,7 @@ def test_agreement_kappa_and_the_judge_against_people():
     second = ["A"] * 4 + ["tie"] * 2 + ["B", "A", "tie", "B"]
     votes = [(who, f"p{i}", "tuned", "base", c) for who, cs in (("ann", first), ("bea", second)) for i, c in enumerate(cs)]
     judged = {(f"p{i}", frozenset(("tuned", "base"))): "tuned" for i in range(10)}
-    [s] = ev.human_study(votes, order=["tuned"], judged=judged, n_boot=50)
+    [s] = stats.human_study(votes, order=["tuned"], judged=judged, n_boot=50)
     [pair] = s["between"]
     assert pair["annotators"] == ("ann", "bea") and pair["items"] == 10
     assert pair["agreement"] == pytest.approx((0.6, 4 / 6, 6)), "with ties 6/10; without: 4 of the 6 tie-free items"
@@ -121,16 +125,16 @@ def test_agreement_kappa_and_the_judge_against_people():
     n, with_ties, without, kept = s["judge"]
     assert n == 20 and with_ties == pytest.approx(11 / 20), "the judge said tuned every time: 11 of 20 votes"
     assert (without, kept) == (pytest.approx(11 / 14), 14), "without ties: 14 votes, 11 for tuned"
-    assert ev.kappa(["x", "y"] * 5, ["x", "y"] * 5, ("x", "y", "tie")) == 1.0, "perfect agreement"
-    assert ev.wilson(1.0, 5)[1] == 1.0 and ev.wilson(0.0, 5)[0] == 0.0, "within [0, 1]"
+    assert stats.kappa(["x", "y"] * 5, ["x", "y"] * 5, ("x", "y", "tie")) == 1.0, "perfect agreement"
+    assert stats.wilson(1.0, 5)[1] == 1.0 and stats.wilson(0.0, 5)[0] == 0.0, "within [0, 1]"
 
 
 def test_each_annotator_has_an_order_and_balanced_sides_of_their_own():
     items = [dict(item=k, bucket=b) for k, b in enumerate(["ID"] * 5 + ["near"] * 4 + ["far"] * 3, 1)]
     extra, orders = {"ID": 0, "far": 0}, set()
     for k in range(200):
-        order, flipped = ev.annotation_plan(items, "sha256:one", f"ann{k}")
-        assert (order, flipped) == ev.annotation_plan(items, "sha256:one", f"ann{k}"), "a restarted page shows the same"
+        order, flipped = humanstudy.annotation_plan(items, "sha256:one", f"ann{k}")
+        assert (order, flipped) == humanstudy.annotation_plan(items, "sha256:one", f"ann{k}"), "a restarted page shows the same"
         assert sorted(it["item"] for it in order) == list(range(1, 13)), "every item once"
         for b, size in (("ID", 5), ("near", 4), ("far", 3)):
             n = sum(it["item"] in flipped for it in items if it["bucket"] == b)
@@ -139,7 +143,7 @@ def test_each_annotator_has_an_order_and_balanced_sides_of_their_own():
         orders.add(tuple(it["item"] for it in order))
     assert len(orders) > 190, f"each annotator sees an order of their own: {len(orders)} orders for 200"
     assert all(70 < extra[b] < 130 for b in ("ID", "far")), f"an odd bucket's extra A goes either way: {extra}"
-    assert ev.annotation_plan(items, "sha256:two", "ann0") != ev.annotation_plan(items, "sha256:one", "ann0"), \
+    assert humanstudy.annotation_plan(items, "sha256:two", "ann0") != humanstudy.annotation_plan(items, "sha256:one", "ann0"), \
         "another study, another plan"
 
 
@@ -169,22 +173,22 @@ def test_an_annotations_folder_belongs_to_one_study_by_its_content(tmp_path):
                                                        stories=[dict(model="x", story=f"{name} {k} x"),
                                                                 dict(model="y", story=f"{name} {k} y")])) + "\n"
                                        for k in (1, 2)))
-    one, two = (ev.study_tag(str(s)) for s in studies)
+    one, two = (humanstudy.study_tag(str(s)) for s in studies)
     folder = tmp_path / "one" / "annotations"
     folder.mkdir()
     vote = lambda study, **k: json.dumps(dict(dict(item=1, id="p1", study=study, model_a="x", model_b="y", choice="A"), **k))
     (folder / "ann.jsonl").write_text(vote(one) + "\n")
     (folder / "bea.jsonl").write_text(vote("study.jsonl") + "\n")  # written before the hash: the file's name
-    assert len(ev.read_annotations(str(folder))) == 2, "a row tied by name reads as the study beside its folder"
+    assert len(humanstudy.read_annotations(str(folder))) == 2, "a row tied by name reads as the study beside its folder"
     (folder / "cid.jsonl").write_text(vote(two) + "\n")  # the other study.jsonl's choices, moved here
     with pytest.raises(ValueError, match="holds the choices of several studies"):
-        ev.read_annotations(str(folder))
+        humanstudy.read_annotations(str(folder))
     p = run_eval("--task=annotate", f"--study={studies[0]}", "--annotator=cid", check=False)
     assert p.returncode != 0 and f"{folder}/cid.jsonl:1: a choice for another study" in p.stderr, p.stderr[-1000:]
     for bad in ("[]", vote(one, item=None)):  # a line that is not an annotation: named, with what to do
         (folder / "dan.jsonl").write_text(vote(one) + "\n" + bad + "\n")
         with pytest.raises(ValueError, match=r"dan.jsonl:2: not an annotation .* remove or correct this line"):
-            ev.read_annotations(str(folder))
+            humanstudy.read_annotations(str(folder))
         p = run_eval("--task=annotate", f"--study={studies[0]}", "--annotator=dan", check=False)
         assert p.returncode != 0 and p.stderr.startswith(f"error: {folder}/dan.jsonl:2: not an annotation") \
             and len(p.stderr.strip().splitlines()) == 1, p.stderr[-1000:]
@@ -193,10 +197,10 @@ def test_an_annotations_folder_belongs_to_one_study_by_its_content(tmp_path):
 def test_the_evaluation_prompts():
     rows = [json.loads(l) for l in open("data/eval/prompts.jsonl")]
     assert len(rows) == 180 and len({r["id"] for r in rows}) == 180
-    assert {b: sum(ev.bucket(r["target_words"]) == b for r in rows) for b, _ in ev.BUCKETS} == \
+    assert {b: sum(rubric.bucket(r["target_words"]) == b for r in rows) for b, _ in rubric.BUCKETS} == \
         {"ID 1-4k": 60, "near OOD 4-8k": 60, "far OOD 8-12k": 60}, "60 per requested-length bucket"
-    for b, _ in ev.BUCKETS:
-        cats = {r["category"] for r in rows if ev.bucket(r["target_words"]) == b}
+    for b, _ in rubric.BUCKETS:
+        cats = {r["category"] for r in rows if rubric.bucket(r["target_words"]) == b}
         assert len(cats) >= 8 and all(r["category"] for r in rows), f"{b}: every prompt has a category, {cats}"
     first = "".join(open("data/eval/prompts.jsonl").readlines()[:60])
     assert hashlib.sha256(first.encode()).hexdigest()[:16] == "f962fc3fd8cc5908", \
@@ -278,7 +282,7 @@ def test_the_page_server_checks_a_form_before_reading_it(judged, tmp_path):
     root, gens = judged
     study = tmp_path / "study.jsonl"
     run_eval("--task=study", f"--gens={','.join(gens)}", "--n=3", f"--out={study}")
-    first = ev.annotation_plan([json.loads(l) for l in open(study)], ev.study_tag(str(study)), "ann")[0][0]["item"]
+    first = humanstudy.annotation_plan([json.loads(l) for l in open(study)], humanstudy.study_tag(str(study)), "ann")[0][0]["item"]
     form = f"item={first}&choice=A&reason=".encode()
     server, url = start_page("--task=annotate", f"--study={study}", "--annotator=ann")
     port = int(url.split(":")[2].strip("/"))
@@ -294,7 +298,7 @@ def test_the_page_server_checks_a_form_before_reading_it(judged, tmp_path):
     finally:
         stop_page(server)
     rows = [json.loads(l) for l in open(tmp_path / "annotations" / "ann.jsonl")]
-    assert [(r["item"], r["reason"], r["study"]) for r in rows] == [(first, "fine", ev.study_tag(str(study)))], \
+    assert [(r["item"], r["reason"], r["study"]) for r in rows] == [(first, "fine", humanstudy.study_tag(str(study)))], \
         f"only the form within bounds saved, tied to its study by the content's hash: {rows}"
 
 
@@ -350,12 +354,12 @@ def test_annotation_page_in_a_browser(judged, browser, tmp_path):
         stop_page(server)
         stop_page(other)
     rows = [json.loads(l) for l in open(answers)]
-    order = ev.annotation_plan(items, ev.study_tag(str(study)), "ann")[0]
+    order = humanstudy.annotation_plan(items, humanstudy.study_tag(str(study)), "ann")[0]
     assert [r["item"] for r in rows] == [it["item"] for it in order[:5]], f"five choices, in ann's own order: {rows}"
     assert [r["choice"] for r in rows] == ["A", "B", "tie", "A", "B"], "the fourth taken back and chosen again"
     assert rows[2]["reason"] == "B's ending is earned; A meanders" and all(r["seconds"] >= 0 for r in rows)
     for r, it in zip(rows, order):
-        assert r["id"] == it["id"] and r["study"] == ev.study_tag(str(study)) and \
+        assert r["id"] == it["id"] and r["study"] == humanstudy.study_tag(str(study)) and \
             {r["model_a"], r["model_b"]} == {"polaris-9b", "qwen-base"}
         assert set(r) >= {"item", "id", "study", "model_a", "model_b", "choice", "reason", "seconds", "time"}
     shown = [r["model_a"] for r in rows] + [json.loads(l)["model_a"] for l in open(tmp_path / "annotations" / "bea.jsonl")]
@@ -388,7 +392,7 @@ def test_off_the_loopback_nothing_is_served_without_the_token(judged, tmp_path):
     try:
         base = url.split("?")[0]
         assert "?token=" in url, "off the loopback the printed address carries the token"
-        first = ev.annotation_plan([json.loads(l) for l in open(study)], ev.study_tag(str(study)), "remote")[0][0]
+        first = humanstudy.annotation_plan([json.loads(l) for l in open(study)], humanstudy.study_tag(str(study)), "remote")[0][0]
         story = html.escape(first["stories"][0]["story"][100:160])
         status, answer = raw_post(int(base.split(":")[2].strip("/")), {"Content-Length": "200000000"}, more=4)
         assert status == 401 and b"access token" in answer, "no token: 401 before a byte of the 200 MB is read"
@@ -438,7 +442,7 @@ def test_report_html_opens_from_disk_with_no_network(judged, browser, tmp_path):
         prompts = w.page.locator("details:has(> .prompt)")
         assert prompts.count() == 18, "each prompt once, folded"
         toc = w.page.locator("nav.toc p").all_inner_texts()
-        assert [t.split(":")[0] for t in toc] == [f"{b} (6 prompts)" for b, _ in ev.BUCKETS], f"contents by bucket: {toc}"
+        assert [t.split(":")[0] for t in toc] == [f"{b} (6 prompts)" for b, _ in rubric.BUCKETS], f"contents by bucket: {toc}"
         assert w.page.locator("nav.toc a").count() == 18, "a link to each prompt"
         w.page.locator("nav.toc a").nth(7).click()  # the second bucket's second prompt
         second = w.page.locator("details:has(> .prompt)").nth(7)

@@ -20,6 +20,7 @@ import pages
 import rundir
 from test_study import HOSTILE, Watched, start_page, stop_page
 from test_train import ENV, train
+import viewer
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_the_line_index_reads_a_step_and_follows_a_growing_file(tmp_path):
     path = tmp_path / "rollouts.jsonl"
     rows = [dict(step=s, group=g, story="x" * 5000 + f"{s}-{g}") for s in range(1, 41) for g in range(6)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 41, "gro')
-    index = pages.LineIndex(str(path), "step").refresh()
+    index = viewer.LineIndex(str(path), "step").refresh()
     assert sorted(index.offsets) == list(range(1, 41)) and all(len(v) == 6 for v in index.offsets.values())
     assert [r["story"][-4:] for r in index.rows(17)] == [f"17-{g}" for g in range(6)], "a step read by offset"
     with open(path, "a") as f:
@@ -114,7 +115,7 @@ def test_the_line_index_reads_a_step_and_follows_a_growing_file(tmp_path):
     assert [r["story"] for r in index.refresh().rows(41)] == ["late"], "a line indexed once it is whole"
     path.write_text(json.dumps(dict(step=1, story="rewritten")) + "\n")  # trimmed on resume
     assert sorted(index.refresh().offsets) == [1] and next(index.rows(1))["story"] == "rewritten"
-    ids = pages.LineIndex(str(tmp_path / "refs.jsonl"), "id")
+    ids = viewer.LineIndex(str(tmp_path / "refs.jsonl"), "id")
     (tmp_path / "refs.jsonl").write_text(json.dumps(dict(id='a "quoted" id', story="s")) + "\n" + json.dumps(dict(id=7)) + "\n")
     assert sorted(ids.refresh().offsets, key=str) == [7, 'a "quoted" id'], "string and integer ids"
 
@@ -133,7 +134,7 @@ def test_broken_and_huge_lines_are_left_out_and_named(tmp_path):
     (tmp_path / "metrics.jsonl").write_bytes(b'{"reward": 12.5, "step": 1}\nnull\n{"step": 1, "x": "\xff"}\n' + binary + b"\n")
     (tmp_path / "references.jsonl").write_bytes(binary + b"\n" + json.dumps(dict(id="r1", story="The reference.")).encode()
                                                 + b"\n")
-    app = pages.run_viewer(str(tmp_path), max_line=1_000_000, max_story=1000)
+    app = viewer.run_viewer(str(tmp_path), max_line=1_000_000, max_story=1000)
     tracemalloc.start()
     try:
         status, body, _ = app("GET", "/", {})
@@ -216,7 +217,7 @@ def test_a_run_that_stopped_is_shown_stopped(run, tmp_path):
     meta["starts"].append(dict(step=3, world_size=1, changed={"max_steps": [3, 5]}))  # resumed for 5 steps
     (folder / "run.json").write_text(json.dumps(meta))
     assert rundir.settings(str(folder))["max_steps"] == 5, "the first start's settings, then each start's changes"
-    app = pages.run_viewer(str(folder))
+    app = viewer.run_viewer(str(folder))
     body = app("GET", "/", {})[1]
     assert app.status() == ("stopped", "stopped at step 3 of 5") and "stopped at step 3 of 5" in body, body[:2000]
     assert "<script>" not in body, "a stopped run's page asks nothing"
@@ -232,7 +233,7 @@ def test_a_run_that_stopped_is_shown_stopped(run, tmp_path):
     shutil.copy(folder / "run.json", early)
     (early / "metrics.jsonl").write_text(json.dumps(dict(step=0, heldout_sq=-25.4, heldout_length_ratio=0.12)) + "\n")
     (early / "run.lock").write_text((folder / "run.lock").read_text().replace(str(gone.pid), str(os.getpid())))
-    body = pages.run_viewer(str(early))("GET", "/", {})[1]
+    body = viewer.run_viewer(str(early))("GET", "/", {})[1]
     assert "step 0</h1>" in body and "running: 0 of 5 steps done" in body and "<script>" in body, body[:3000]
     ticks = re.findall(r"text-anchor=end font-size=12>([^<]+)<", pages.chart("Length ratio", [("held-out", [(0, 0.12, None, None)])]))
     assert min(map(float, ticks)) >= 0 and min(map(float, ticks)) <= 0.12 < max(map(float, ticks)) < 0.5, \
