@@ -103,12 +103,10 @@ def probe_judge(judge, rows):
             raise ValueError(f"the judge cannot be used: {probe['error']}")
 
 
-def check_ranks(start_step, data_sha, world_size):
-    """Every node must see the same out_dir (one shared folder) and the same training data."""
-    import torch.distributed as dist
-    views = [None] * world_size
-    dist.all_gather_object(views, (start_step, data_sha))
+def check_ranks(views):
+    """views: every rank's (step it resumes from, sha256 of its training data), all-gathered."""
     if len({v[0] for v in views}) > 1:
-        raise ValueError(f"the ranks resume from the steps {[v[0] for v in views]}: out_dir must be one folder shared by every node")
+        raise ValueError(f"the ranks resume from the steps {[v[0] for v in views]}: out_dir must be one folder "
+                         "shared by every node")
     if len({v[1] for v in views}) > 1:
         raise ValueError("train_data differs between the nodes (sha256): copy the same file to every node")

@@ -259,8 +259,10 @@ if ckpt:  # the optimizer's fp32 state and the weights from it; the rows after i
         print(f"resuming from {ckpt} (step {start_step} of {max_steps})")
         rundir.trim_logs(out_dir, start_step, later=checkpoint.later_than(out_dir, start_step))
     checkpoint.restore(ckpt, opt, rank=ddp_rank, world=ddp_world_size)
-if ddp:
-    preflight.check_ranks(start_step, data_sha, ddp_world_size)
+if ddp:  # every node must see one shared out_dir and the same training data
+    views = [None] * ddp_world_size
+    dist.all_gather_object(views, (start_step, data_sha))
+    preflight.check_ranks(views)
 run_id = None
 if master_process:
     run_id = rundir.prepare(out_dir, state, safe_config, ddp_world_size, changed)
@@ -387,7 +389,7 @@ for step in range(start_step + 1, max_steps + 1):  # step k makes the policy of 
         enable_thinking=enable_thinking, on_story=to_judge, on_step=lambda: bar.update(1),
         should_stop=lambda: bool(signals))
     bar.close()
-    tally = collections.Counter(t0=t0, t_generate=time.time() - t0, t_checkpoint=t_ckpt)  # sums
+    tally = collections.Counter(t0=t0, t_generate=time.time() - t0, t_checkpoint=t_ckpt)  # the step's
 
     # 2. inject the reference: the human story joins its group, last, teacher-forced
     for i, (_, row) in enumerate(my_rows if n_ref else []):
@@ -474,17 +476,17 @@ for step in range(start_step + 1, max_steps + 1):  # step k makes the policy of 
     held = evaluate(step) if heldout.due(step, eval_interval, max_steps) else None
     run["phase"] = "writing the step's logs and checkpoint"
     means, totals = rundir.step_sums(groups, tally, signals)  # this rank's [sum, count]s and sums
-    pairs = torch.tensor(list(means.values()), dtype=torch.float64)  # (M, 2)
-    sums = torch.tensor(list(totals.values()), dtype=torch.float64)  # (S,), the stop vote too
+    pairs_t = torch.tensor(list(means.values()), dtype=torch.float64)  # (M, 2)
+    sums_t = torch.tensor(list(totals.values()), dtype=torch.float64)  # (S,), the stop vote too
     mine = rundir.story_rows(step, my_rows, groups)  # rows of rollouts.jsonl, and the references
     parts = [mine]
     if ddp:
-        dist.all_reduce(pairs)  # the step's metrics over every rank
-        dist.all_reduce(sums)  # ... and the stop agreement: a signal on any rank stops all
+        dist.all_reduce(pairs_t)  # the step's metrics over every rank
+        dist.all_reduce(sums_t)  # ... and the stop agreement: a signal on any rank stops all
         parts = [None] * ddp_world_size if master_process else None
         dist.gather_object(mine, parts, dst=0)  # every story to the master, who writes
-    m, halt = rundir.step_metrics(step, dict(zip(means, pairs.tolist())),
-                                  dict(zip(totals, sums.tolist())), tally, world=ddp_world_size,
+    m, halt = rundir.step_metrics(step, dict(zip(means, pairs_t.tolist())),
+                                  dict(zip(totals, sums_t.tolist())), tally, world=ddp_world_size,
                                   has_refs=n_ref > 0)
     if master_process:
         rundir.log_step(out_dir, dict(m, **(held or {})), records=[r for p in parts for r in p[0]],
