@@ -389,7 +389,7 @@ for step in range(start_step + 1, max_steps + 1):  # step k makes the policy of 
         enable_thinking=enable_thinking, on_story=to_judge, on_step=lambda: bar.update(1),
         should_stop=lambda: bool(signals))
     bar.close()
-    tally = collections.Counter(t0=t0, t_generate=time.time() - t0, t_checkpoint=t_ckpt)  # step sums
+    tally = collections.Counter(t0=t0, t_generate=time.time() - t0, t_checkpoint=t_ckpt)
 
     # 2. inject the reference: the human story joins its group, last, teacher-forced
     for i, (_, row) in enumerate(my_rows if n_ref else []):
