@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 import threading
 import time
@@ -107,7 +108,6 @@ def prepare(out_dir, state, config, world_size, changed=None):
     move the old logs aside, never mixing them with the new. Write run.json: the run's id, the
     settings of its first start, and one entry per start (its step, world size, the settings
     changed on resume); its presence says that the logs count steps from 1. Returns the run's id."""
-    import shutil
     for tmp in (os.path.join(out_dir, d) for d in os.listdir(out_dir) if d.startswith(".tmp_ckpt_")):
         shutil.rmtree(tmp)
     logs = [f for f in LOGS + ("references.jsonl", "run.json") if os.path.exists(os.path.join(out_dir, f))]
@@ -155,7 +155,7 @@ def trim_logs(out_dir, step, later):
     try:
         for path in paths:
             with open(path, encoding="utf-8", errors="replace") as src, open(path + ".tmp", "w") as kept, \
-                    open(path + ".later", "w") as rest:
+                    open(path + ".later" if aside else os.devnull, "w") as rest:  # kept aside, or dropped
                 for line in src:
                     try:
                         row = json.loads(line)
@@ -164,7 +164,7 @@ def trim_logs(out_dir, step, later):
                                   line if line.endswith("\n") else line + "\n")
                     except (ValueError, KeyError, TypeError):
                         pass  # the half-written last line of a run killed during the append
-                for f in (kept, rest):
+                for f in (kept, rest) if aside else (kept,):
                     f.flush()
                     os.fsync(f.fileno())
     except OSError as e:
@@ -180,8 +180,6 @@ def trim_logs(out_dir, step, later):
     for path in paths:
         if aside:
             os.rename(path + ".later", os.path.join(aside, os.path.basename(path)))
-        else:
-            os.remove(path + ".later")
         os.replace(path + ".tmp", path)
     if aside:
         print(f"continuing from step {step}, older than the newest checkpoint: "
